@@ -1,0 +1,209 @@
+"""URIs -> filesystems: pyarrow's for Ray Data, fsspec's (s3fs) for everything else.
+
+Every input and output of the project is a URI: ``s3://bucket/prefix``, ``gs://bucket/prefix``,
+``file:///abs/path`` or a plain local path. S3-compatible endpoints come from the standard
+``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` variables (or ``endpoint_url=``); credentials come
+from the standard chain only (environment, shared config, instance role) and are never printed,
+logged or written: error messages go through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
+              "GOOGLE_APPLICATION_CREDENTIALS", "RAY_AUTH_TOKEN")
+
+
+class StorageError(RuntimeError):
+    """One clear line naming the URI and what to check."""
+
+
+@dataclass(frozen=True)
+class URI:
+    scheme: str  # "s3", "gs" or "file"
+    path: str    # bucket/key for object stores; an absolute path for files
+
+    def __str__(self) -> str:
+        return self.path if self.scheme == "file" else f"{self.scheme}://{self.path}"
+
+    @property
+    def bucket(self) -> str:
+        return self.path.split("/", 1)[0]
+
+    def join(self, *parts: str) -> "URI":
+        p = self.path.rstrip("/")
+        for part in parts:
+            p = f"{p}/{part.strip('/')}"
+        return URI(self.scheme, p)
+
+
+def parse_uri(uri: str | os.PathLike) -> URI:
+    s = os.fspath(uri)
+    if not s:
+        raise StorageError("empty URI: give s3://bucket/prefix, gs://bucket/prefix or a local path")
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$", s)
+    if not m:
+        return URI("file", os.path.abspath(os.path.expanduser(s)))
+    scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme in ("s3", "s3a"):
+        if not rest or rest.startswith("/"):
+            raise StorageError(f"{s}: no bucket name: write s3://BUCKET/prefix")
+        return URI("s3", rest.rstrip("/") if rest.count("/") else rest)
+    if scheme in ("gs", "gcs"):
+        if not rest or rest.startswith("/"):
+            raise StorageError(f"{s}: no bucket name: write gs://BUCKET/prefix")
+        return URI("gs", rest)
+    if scheme == "file":
+        return URI("file", os.path.abspath(rest))
+    raise StorageError(f"{s}: unsupported scheme {scheme!r}: use s3://, gs://, file:// or a local path")
+
+
+def redact(text: str) -> str:
+    """Remove the values of credential variables from a message."""
+    for k in SECRET_ENV:
+        v = os.environ.get(k)
+        if v and len(v) >= 4:
+            text = text.replace(v, "***")
+    return text
+
+
+def endpoint_url(explicit: str | None = None) -> str | None:
+    return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+# ---------------------------------------------------------------------------- pyarrow
+@lru_cache(maxsize=8)
+def _pa_s3(endpoint: str | None):
+    import pyarrow.fs as pafs
+    kw = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8)}
+    if endpoint:
+        # pyarrow ignores AWS_ENDPOINT_URL when built with no arguments: pass it explicitly.
+        scheme, _, host = endpoint.partition("://")
+        kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https",
+                  region=_region())
+    return pafs.S3FileSystem(**kw)
+
+
+def pyarrow_fs(uri: str | URI, endpoint: str | None = None):
+    """-> (pyarrow.fs.FileSystem, path) for Ray Data readers and writers."""
+    u = uri if isinstance(uri, URI) else parse_uri(uri)
+    import pyarrow.fs as pafs
+    if u.scheme == "s3":
+        return _pa_s3(endpoint_url(endpoint)), u.path
+    if u.scheme == "gs":
+        return pafs.GcsFileSystem(), u.path
+    return pafs.LocalFileSystem(), u.path
+
+
+# ---------------------------------------------------------------------------- fsspec
+@lru_cache(maxsize=8)
+def _fs_s3(endpoint: str | None):
+    import s3fs
+    kw = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}}}
+    if endpoint:
+        kw["endpoint_url"] = endpoint
+        kw["client_kwargs"] = {"region_name": _region()}
+    return s3fs.S3FileSystem(**kw)
+
+
+def fsspec_fs(uri: str | URI, endpoint: str | None = None):
+    """-> (fsspec.AbstractFileSystem, path) for listing, small files, checkpoints."""
+    u = uri if isinstance(uri, URI) else parse_uri(uri)
+    if u.scheme == "s3":
+        return _fs_s3(endpoint_url(endpoint)), u.path
+    if u.scheme == "gs":
+        try:
+            import gcsfs
+        except ImportError as e:
+            raise StorageError(f"{u}: gs:// needs the gcsfs package: pip install gcsfs") from e
+        return gcsfs.GCSFileSystem(), u.path
+    import fsspec
+    return fsspec.filesystem("file"), u.path
+
+
+# ---------------------------------------------------------------------------- errors
+def explain(uri: str | URI, exc: BaseException) -> str:
+    """One line: the URI, what went wrong, what to check."""
+    u = str(uri)
+    msg = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:300] if str(exc) else type(exc).__name__
+    low = msg.lower()
+    ep = endpoint_url() or "the default AWS endpoint"
+    if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket does not exist" in low:
+        return f"{u}: the bucket does not exist: create it or fix the bucket name"
+    if isinstance(exc, PermissionError) or any(s in low for s in ("accessdenied", "access denied", "forbidden",
+                                                                  "invalidaccesskeyid", "signaturedoesnotmatch")):
+        return (f"{u}: access denied: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE or the node's role) and the bucket policy")
+    if any(s in low for s in ("could not connect", "connection refused", "connect timeout", "endpointconnection",
+                              "failed to connect", "curlcode: 7", "couldn't connect", "name or service not known",
+                              "temporary failure in name resolution")):
+        return f"{u}: cannot reach the storage endpoint {ep}: check AWS_ENDPOINT_URL and the network"
+    if isinstance(exc, FileNotFoundError) or "nosuchkey" in low or "not found" in low or "does not exist" in low:
+        return f"{u}: not found: check the path (and that the prefix holds data)"
+    return f"{u}: storage error ({msg}); check the URI, the endpoint ({ep}) and the credentials"
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str | URI) -> Iterator[None]:
+    """Turn any storage exception into a one-line :class:`StorageError`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - translated, never swallowed
+        raise StorageError(explain(uri, e)) from None
+
+
+# ---------------------------------------------------------------------------- helpers
+def exists(uri: str | URI) -> bool:
+    fs, p = fsspec_fs(uri)
+    with storage_errors(uri):
+        return fs.exists(p)
+
+
+def list_files(uri: str | URI, suffixes: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
+    """Recursive listing: sorted [(path, size)] under the URI (object-store paths without scheme)."""
+    u = uri if isinstance(uri, URI) else parse_uri(uri)
+    fs, p = fsspec_fs(u)
+    with storage_errors(u):
+        if u.scheme != "file" and "/" not in p.strip("/"):
+            fs.ls(p)  # a bare bucket: surfaces NoSuchBucket instead of an empty listing
+        found = fs.find(p, detail=True)
+    out = []
+    for path, info in found.items():
+        if info.get("type", "file") != "file":
+            continue
+        if suffixes and not path.lower().endswith(suffixes):
+            continue
+        out.append((path, int(info.get("size") or 0)))
+    out.sort()
+    return out
+
+
+def read_bytes(uri: str | URI) -> bytes:
+    fs, p = fsspec_fs(uri)
+    with storage_errors(uri):
+        return fs.cat_file(p)
+
+
+def write_bytes(uri: str | URI, data: bytes) -> None:
+    u = uri if isinstance(uri, URI) else parse_uri(uri)
+    fs, p = fsspec_fs(u)
+    with storage_errors(u):
+        if u.scheme == "file":
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+        fs.pipe_file(p, data)
+
+
+def to_uri_string(scheme: str, path: str) -> str:
+    return path if scheme == "file" else f"{scheme}://{path}"
