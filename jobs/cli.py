@@ -1,0 +1,35 @@
+"""The ``mae`` command: one subcommand per job; each is also ``python -m jobs.<name>``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "prepare": ("jobs.prepare", "shard a folder/bucket of images into Parquet + manifest"),
+    "pretrain": ("jobs.pretrain", "distributed MAE pretraining (Ray Train + FSDP2)"),
+    "demo": ("jobs.demo", "end-to-end demo on synthetic images, on a local Ray cluster"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mae COMMAND [ARGS...]   (mae COMMAND --help for details)", "", "commands:"]
+    lines += [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"mae: error: unknown command {cmd!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

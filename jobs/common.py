@@ -1,0 +1,48 @@
+"""What every entrypoint shares: connecting to Ray and turning known errors into one line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from pipeline.storage import StorageError, redact
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, exit status 2."""
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kw):
+    """Connect to ``address`` (or ``RAY_ADDRESS``); else start a local single-node Ray on
+    127.0.0.1. Storage variables are forwarded so that workers reach the same endpoint."""
+    import ray
+
+    from pipeline.dataset import runtime_env_vars
+    if ray.is_initialized():
+        return ray
+    env_vars = {**runtime_env_vars(), **kw.pop("env_vars", {})}
+    for k, v in env_vars.items():  # the driver plans reads too
+        os.environ.setdefault(k, v)
+    kw["runtime_env"] = {**kw.get("runtime_env", {}), "env_vars": env_vars}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, **kw)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kw)
+    return ray
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str):
+    """Known errors -> ``prog: error: ...`` on stderr and exit 2, never a traceback."""
+    from mae_model.config import ConfigError
+    try:
+        yield
+    except (UserError, StorageError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"{prog}: error: {redact(str(e))}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,0 +1,88 @@
+"""Shared fixtures: one S3 server and one Ray cluster (2 simulated nodes) for the whole run.
+
+Both talk to 127.0.0.1 only. The S3 variables are set in the environment *before* Ray starts,
+so that every Ray worker (data tasks, Train workers) reaches the same endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")        # the test head needs no token
+# Without this, ray.init(address="127.0.0.1:port") "canonicalizes" the loopback address to the
+# machine's outward IP; the tests must only ever talk to 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")       # no phone-home
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from s3server import S3Server
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    from pipeline import storage
+    storage._fs_s3.cache_clear()
+    storage._pa_s3.cache_clear()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def bucket(s3):
+    return s3.create_bucket("mae-tests")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """A local Ray cluster of 2 nodes on 127.0.0.1 (head + 1 worker node), shared by all tests.
+
+    Logical CPUs are oversubscribed (2 physical cores): they must cover Train workers, Tune
+    trial drivers and Ray Data tasks together.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",
+        "resources": {"node_head": 1}, "object_store_memory": 400 * 2**20})
+    cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1", resources={"node_worker": 1},
+                     object_store_memory=400 * 2**20)
+    cluster.wait_for_nodes()
+    from pipeline.dataset import runtime_env_vars
+    # Tiny read units so that the tests' small shards spread over several decode tasks; set
+    # here (the driver plans reads) and in the runtime env (so do Train's split coordinators).
+    env_vars = runtime_env_vars(read_unit_bytes=4 * 1024)
+    os.environ.update(env_vars)
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=True,
+             runtime_env={"env_vars": env_vars})
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def labeled_dir(tmp_path_factory):
+    """A small learnable labeled set in ImageFolder layout (4 classes)."""
+    from pipeline.synthetic import write_labeled_folder
+    root = tmp_path_factory.mktemp("labeled")
+    write_labeled_folder(str(root), n_per_class=24, size=48, seed=0)
+    return str(root)
+
+
+def upload_dir(local: str, s3_uri: str) -> None:
+    from pipeline.storage import fsspec_fs
+    fs, p = fsspec_fs(s3_uri)
+    fs.put(local.rstrip("/") + "/", p, recursive=True)

@@ -1,0 +1,155 @@
+"""prepare -> shards on the S3 server -> streamed back through Ray Data to 2 consumers."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import upload_dir
+from pipeline.dataset import DataConfig, build_dataset, pipeline_stats, stats_actor
+from pipeline.prepare import PrepareConfig, prepare
+from pipeline.sources import resolve
+from pipeline.storage import StorageError, list_files, read_bytes
+from pipeline.synthetic import CLASSES, odd_images, write_labeled_folder
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+
+@pytest.fixture(scope="module")
+def src_dir(tmp_path_factory):
+    """ImageFolder with 4 classes x 10 good images, plus odd and bad files in one class."""
+    root = tmp_path_factory.mktemp("src")
+    write_labeled_folder(str(root), n_per_class=10, size=40, seed=3)
+    bad = {}
+    for name, (data, ok) in odd_images().items():
+        with open(root / CLASSES[0] / f"odd_{name}", "wb") as f:
+            f.write(data)
+        bad[f"{CLASSES[0]}/odd_{name}"] = ok
+    return str(root), bad
+
+
+@pytest.fixture(scope="module")
+def prepared(src_dir, bucket, ray_cluster):
+    root, odd = src_dir
+    upload_dir(root, f"s3://{bucket}/raw")
+    dst = f"s3://{bucket}/shards"
+    m = prepare(PrepareConfig(src=f"s3://{bucket}/raw", dst=dst, shard_size_mb=0.02, val_fraction=0.25),
+                progress=False)
+    return dst, m, odd
+
+
+def test_prepare_manifest_counts_and_reasons(prepared):
+    dst, m, odd = prepared
+    n_good = 40 + sum(odd.values())
+    n_bad = sum(not v for v in odd.values())
+    assert m["classes"] == sorted(CLASSES)
+    assert m["counts"]["ok"] == n_good and m["counts"]["skipped"] == n_bad
+    assert {d["key"] for d in m["skipped"]} == {k for k, ok in odd.items() if not ok}
+    assert set(m["counts"]["skipped_by_reason"]) <= {"empty", "not_an_image", "truncated", "corrupt",
+                                                     "too_many_pixels"}
+    assert set(m["splits"]) == {"train", "val"}
+    assert sum(s["count"] for s in m["splits"].values()) == n_good
+    assert len(m["splits"]["train"]["files"]) > 1  # several shards at this tiny target size
+    on_s3 = {p.rsplit("/", 1)[-1] for p, _ in list_files(dst)}
+    assert "manifest.json" in on_s3
+    assert all(f in on_s3 for s in m["splits"].values() for f in s["files"])
+
+
+def test_prepare_rerun_gives_same_shards_and_refuses_nonempty(prepared, bucket):
+    dst, m, _ = prepared
+    with pytest.raises(StorageError, match="not empty"):
+        prepare(PrepareConfig(src=f"s3://{bucket}/raw", dst=dst), progress=False)
+    dst2 = f"s3://{bucket}/shards-rerun"
+    m2 = prepare(PrepareConfig(src=f"s3://{bucket}/raw", dst=dst2, shard_size_mb=0.02, val_fraction=0.25),
+                 progress=False)
+    assert m2["splits"] == m["splits"]
+    for f in m["splits"]["train"]["files"]:
+        assert read_bytes(f"{dst}/{f}") == read_bytes(f"{dst2}/{f}")
+
+
+def _consume(it, out):
+    for b in it:
+        out.append((b["patches"], b["label"]))
+
+
+def test_every_valid_image_once_per_epoch_across_two_consumers(prepared):
+    dst, m, _ = prepared
+    stats = stats_actor()
+    import ray
+    ray.get(stats.reset.remote())
+    cfg = DataConfig(source=dst, split="train", img_size=32, patch_size=4, augment=False,
+                     decode_batch_size=4)
+    ds, info = build_dataset(cfg)
+    assert info.kind == "parquet" and info.num_rows == m["splits"]["train"]["count"]
+    # Ground truth: decode each stored image on the driver with the same eval transform.
+    import pyarrow.parquet as pq
+    from pipeline.storage import pyarrow_fs
+    from pipeline.transforms import transform_image
+    fs, _ = pyarrow_fs(dst)
+    truth = {}
+    for f in info.files:
+        t = pq.read_table(f, filesystem=fs)
+        for k, img, lab in zip(t["key"].to_pylist(), t["image"].to_pylist(), t["label"].to_pylist()):
+            truth[transform_image(img, cfg.transform(), np.random.default_rng(0)).tobytes()] = (k, lab)
+    for epoch in range(2):
+        splits = ds.streaming_split(2, equal=False)
+        outs = [[], []]
+        threads = [threading.Thread(target=_consume, args=(s.iter_batches(batch_size=5, batch_format="numpy"), o))
+                   for s, o in zip(splits, outs)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        seen = []
+        for out in outs:
+            for patches, labels in out:
+                for p, lab in zip(patches, labels):
+                    k, true_label = truth[p.tobytes()]
+                    assert lab == true_label  # labels preserved
+                    seen.append(k)
+        assert all(len(o) > 0 for o in outs)  # both consumers got data
+        assert sorted(seen) == sorted(k for k, _ in truth.values())  # each exactly once
+        expected_labels = {CLASSES[i] for i in range(4)}
+        assert {m["classes"][truth_lab] for _, truth_lab in truth.values()} == expected_labels
+    assert pipeline_stats()["ok"] == 2 * len(truth)
+
+
+def test_image_folder_source_skips_and_counts_bad_files(src_dir, bucket, ray_cluster):
+    import ray
+    root, odd = src_dir
+    stats = stats_actor()
+    ray.get(stats.reset.remote())
+    cfg = DataConfig(source=f"s3://{bucket}/raw", img_size=32, patch_size=4, decode_batch_size=8)
+    ds, info = build_dataset(cfg)
+    assert info.kind == "images" and info.classes == sorted(CLASSES)
+    rows = 0
+    labels = []
+    for b in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        rows += len(b["patches"])
+        labels.extend(b["label"].tolist())
+        assert b["patches"].dtype == np.uint8 and b["patches"].shape[1:] == (64, 48)
+    n_bad = sum(not v for v in odd.values())
+    assert rows == 40 + sum(odd.values())
+    assert sorted(set(labels)) == [0, 1, 2, 3]
+    s = pipeline_stats()
+    assert s["ok"] == rows and sum(s["skipped"].values()) == n_bad
+    assert all(ex for ex in s["examples"].values())
+
+
+def test_resolve_errors_are_one_line(bucket, s3):
+    with pytest.raises(StorageError, match="bucket does not exist"):
+        resolve("s3://no-such-bucket-here/x")
+    with pytest.raises(StorageError, match="no images or Parquet shards"):
+        resolve(f"s3://{bucket}/empty-prefix/")
+
+
+def test_prepare_cli_bad_input_one_line(bucket, s3, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    r = subprocess.run([sys.executable, "-m", "jobs.prepare", "s3://no-such-bucket-x/raw", str(tmp_path / "out")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("mae prepare: error: s3://no-such-bucket-x/raw") and "Traceback" not in r.stderr
+    assert s3.env()["AWS_SECRET_ACCESS_KEY"] not in r.stderr + r.stdout

@@ -1,0 +1,102 @@
+"""Decode, augmentation and patch layout: unit tests, no Ray."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import SkipImage, decode
+from pipeline.patchify import patchify, unpatchify
+from pipeline.synthetic import encode, odd_images, pattern
+from pipeline.transforms import TransformConfig, random_resized_crop_params, transform_image
+
+
+def test_random_resized_crop_bounds_over_many_draws():
+    rng = np.random.default_rng(0)
+    W, H = 500, 375
+    areas, ratios = [], []
+    for _ in range(5000):
+        l, t, w, h = random_resized_crop_params(W, H, rng)
+        assert 0 <= l and 0 <= t and l + w <= W and t + h <= H and w > 0 and h > 0
+        areas.append(w * h / (W * H))
+        ratios.append(w / h)
+    areas, ratios = np.array(areas), np.array(ratios)
+    # rounding to whole pixels moves the bounds by at most a pixel's worth
+    assert areas.min() >= 0.2 - 0.01 and areas.max() <= 1.0
+    assert ratios.min() >= 3 / 4 - 0.02 and ratios.max() <= 4 / 3 + 0.02
+    assert areas.max() > 0.9 and areas.min() < 0.25  # the whole range is used
+    assert (ratios < 0.85).any() and (ratios > 1.2).any()  # tall and wide crops both occur
+
+
+def test_patchify_then_unpatchify_returns_the_crop():
+    rng = np.random.default_rng(1)
+    img = pattern(3, 64, rng)
+    data = encode(img, "PNG")  # lossless: the crop is exactly comparable
+    cfg = TransformConfig(img_size=32, patch_size=8, train=True, hflip=0.0, reduced_decode=False)
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    patches = transform_image(data, cfg, r1)
+    assert patches.shape == (16, 8 * 8 * 3) and patches.dtype == np.uint8
+    l, t, w, h = random_resized_crop_params(64, 64, r2)
+    expected = np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC, box=(l, t, l + w, t + h)))
+    assert np.array_equal(unpatchify(patches[None], 8)[0], expected)
+    assert np.array_equal(patchify(expected, 8), patches)
+
+
+def test_eval_transform_is_deterministic_center_crop():
+    img = pattern(0, 80, np.random.default_rng(2))
+    cfg = TransformConfig(img_size=32, patch_size=4, train=False)
+    a = transform_image(encode(img, "PNG"), cfg, np.random.default_rng(0))
+    b = transform_image(encode(img, "PNG"), cfg, np.random.default_rng(99))
+    assert np.array_equal(a, b)
+
+
+def test_reduced_size_decode_stays_close_to_full_decode():
+    rng = np.random.default_rng(3)
+    big = np.asarray(Image.fromarray(pattern(3, 128, rng)).resize((1024, 768), Image.BICUBIC))
+    data = encode(big, "JPEG", quality=90)
+    out = []
+    for reduced in (True, False):
+        cfg = TransformConfig(img_size=64, patch_size=8, train=False, reduced_decode=reduced)
+        out.append(transform_image(data, cfg, np.random.default_rng(0)).astype(np.float64))
+    diff = np.abs(out[0] - out[1])
+    psnr = 10 * math.log10(255**2 / max((diff**2).mean(), 1e-9))
+    print(f"reduced vs full decode: mean abs diff {diff.mean():.2f}, PSNR {psnr:.1f} dB")
+    assert diff.mean() < 3.0 and psnr > 30
+    # and the reduced decode really decoded fewer pixels
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (1024 // 8, 768 // 8))
+    assert img.size[0] < 1024
+
+
+@pytest.mark.parametrize("name", sorted(odd_images()))
+def test_every_odd_kind_converts_or_skips_with_reason(name):
+    data, ok = odd_images()[name]
+    cfg = TransformConfig(img_size=32, patch_size=4)
+    if ok:
+        p = transform_image(data, cfg, np.random.default_rng(0))
+        assert p.shape == (64, 48) and p.dtype == np.uint8
+        assert decode(data).mode == "RGB"
+    else:
+        with pytest.raises(SkipImage) as e:
+            transform_image(data, cfg, np.random.default_rng(0))
+        assert e.value.reason in {"empty", "not_an_image", "truncated", "corrupt", "too_many_pixels"}
+
+
+def test_exif_orientation_is_applied():
+    data, _ = odd_images()["exif_rotated.jpg"]
+    raw = Image.open(io.BytesIO(data)).size
+    assert decode(data).size == (raw[1], raw[0])
+
+
+def test_alpha_is_composited_on_white():
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black
+    out = np.asarray(decode(encode(Image.fromarray(rgba, "RGBA"), "PNG")))
+    assert (out == 255).all()
+
+
+def test_pixel_guard_is_configurable():
+    data = encode(pattern(0, 64, np.random.default_rng(0)), "PNG")
+    with pytest.raises(SkipImage, match="too_many_pixels"):
+        transform_image(data, TransformConfig(img_size=32, patch_size=4, max_pixels=1000), np.random.default_rng(0))
