@@ -128,7 +128,7 @@ def fsspec_fs(uri: str | URI, endpoint: str | None = None):
             raise StorageError(f"{u}: gs:// needs the gcsfs package: pip install gcsfs") from e
         return gcsfs.GCSFileSystem(), u.path
     import fsspec
-    return fsspec.filesystem("file"), u.path
+    return fsspec.filesystem("file", auto_mkdir=True), u.path
 
 
 # ---------------------------------------------------------------------------- errors

@@ -1,0 +1,260 @@
+"""The pretraining config: typed sections, a YAML file plus ``key=value`` overrides, validated.
+
+Defaults follow the MAE paper (Table 8): base lr 1.5e-4 scaled by global batch / 256, AdamW
+(0.9, 0.95), weight decay 0.05, mask ratio 0.75, norm-pix loss, warmup then half-cycle cosine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from mae_model.config import PRESETS, ConfigError, MAEConfig, get_preset
+from pipeline.dataset import DataConfig
+
+
+def _f(default, help_: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help_}, **kw)
+    return field(default=default, metadata={"help": help_}, **kw)
+
+
+@dataclass
+class ModelSection:
+    preset: str = _f("mae_vit_base_patch16", f"named preset: {', '.join(sorted(PRESETS))}")
+    overrides: dict = _f({}, "MAEConfig fields over the preset, e.g. {decoder_depth: 4, mask_ratio: 0.9}")
+    init_from: str = _f("", "start from weights: an official MAE .pth (full or encoder-only) or a "
+                            "checkpoint directory of this project (URI)")
+    activation_checkpointing: bool = _f(False, "recompute each block in backward (saves memory)")
+
+    def build(self) -> MAEConfig:
+        return get_preset(self.preset, **self.overrides)
+
+
+@dataclass
+class OptimSection:
+    base_lr: float = _f(1.5e-4, "base learning rate; lr = base_lr * global_batch / 256 (paper)")
+    lr: float = _f(0.0, "absolute learning rate; overrides base_lr when > 0")
+    min_lr: float = _f(0.0, "floor of the cosine schedule")
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, pos embeddings, tokens)")
+    betas: list = _f([0.9, 0.95], "AdamW betas")
+    warmup_epochs: float = _f(40.0, "linear warmup length in epochs (per-step schedule)")
+    warmup_steps: int = _f(-1, "warmup length in optimizer steps; overrides warmup_epochs when >= 0")
+    clip_grad: float = _f(0.0, "clip the global gradient norm to this (0: off)")
+    accum_steps: int = _f(1, "gradient accumulation: micro-batches per optimizer step")
+
+
+@dataclass
+class TrainSection:
+    epochs: float = _f(800.0, "passes over the training data (fractions allowed)")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (overrides epochs when > 0)")
+    batch_size: int = _f(64, "images per worker per micro-batch")
+    seed: int = _f(0, "seed of init, masking and data order")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    log_every: int = _f(20, "optimizer steps between log lines / metric reports")
+    ckpt_every: int = _f(1000, "optimizer steps between checkpoints (and one at the end)")
+    keep_last: int = _f(3, "complete checkpoints to keep (plus the best)")
+    best_metric: str = _f("loss", "metric that picks the kept best checkpoint (lower is better)")
+    vis_every: int = _f(0, "steps between reconstruction pictures (0: at checkpoints and the end)")
+    vis_images: int = _f(8, "validation images in the reconstruction picture")
+    reshard_after_forward: bool = _f(True, "FSDP2: free gathered params after forward (less memory)")
+    stop_after_steps: int = _f(-1, "testing aid: return cleanly after this many steps of this attempt")
+    crash_at_step: int = _f(-1, "testing aid: SIGKILL rank 1 once at this step (fault-tolerance tests)")
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = _f(2, "Ray Train workers (one per GPU)")
+    use_gpu: bool = _f(False, "one GPU per worker")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved by each training worker")
+    resources_per_worker: dict = _f({}, "extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
+    placement_strategy: str = _f("SPREAD", "PACK | SPREAD | STRICT_PACK | STRICT_SPREAD")
+
+
+@dataclass
+class RunSection:
+    name: str = _f("mae-pretrain", "run name: the same name and storage_path resume the run")
+    storage_path: str = _f("./runs", "where runs live: s3://bucket/prefix, gs://..., or a local path")
+    max_failures: int = _f(3, "restarts of the worker group from the latest checkpoint on failure")
+    address: str = _f("", "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        cfg = cls()
+        for section, values in (d or {}).items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section {section!r}; sections: {', '.join(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+            for k, v in values.items():
+                set_field(cfg, f"{section}.{k}", v)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "PretrainConfig":
+        m = self.model.build()  # validates the model fields
+        d = self.data
+        if not d.source:
+            raise ConfigError("data.source is empty: set data.source=URI of prepared shards or an image folder")
+        t, o, s = self.train, self.optim, self.scaling
+        for name, v, ok in [("train.batch_size", t.batch_size, t.batch_size >= 1),
+                            ("optim.accum_steps", o.accum_steps, o.accum_steps >= 1),
+                            ("scaling.num_workers", s.num_workers, s.num_workers >= 1),
+                            ("train.log_every", t.log_every, t.log_every >= 1),
+                            ("train.ckpt_every", t.ckpt_every, t.ckpt_every >= 1),
+                            ("train.keep_last", t.keep_last, t.keep_last >= 1),
+                            ("train.epochs", t.epochs, t.epochs > 0 or t.max_steps > 0),
+                            ("optim.base_lr", o.base_lr, o.base_lr > 0 or o.lr > 0),
+                            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0)]:
+            if not ok:
+                raise ConfigError(f"{name}={v!r} is out of range")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas={o.betas!r}: two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if t.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision={t.precision!r}: auto, bf16 or fp32")
+        if t.precision == "bf16" and not s.use_gpu:
+            raise ConfigError("train.precision=bf16 needs scaling.use_gpu=true (CPU training runs fp32)")
+        # The pipeline must cut patches of the model's size.
+        d.img_size, d.patch_size = m.img_size, m.patch_size
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {"model": ModelSection, "data": DataConfig, "optim": OptimSection, "train": TrainSection,
+            "scaling": ScalingSection, "run": RunSection}
+
+
+def _coerce(name: str, current: Any, value: Any, ftype) -> Any:
+    """Values from YAML or the command line -> the field's type, with a clear error."""
+    if isinstance(value, str) and not isinstance(current, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{name}={value!r}: not a valid value") from None
+    t = ftype if isinstance(ftype, type) else type(current) if current is not None else None
+    if isinstance(ftype, str):  # postponed annotations
+        t = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict, "list": list}.get(
+            ftype.split(" |")[0], None)
+    if value is None:
+        if "None" in str(ftype):
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    try:
+        if t is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if t is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if t is str:
+            return str(value)
+        if t in (dict, list) and not isinstance(value, t):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: expected {getattr(t, '__name__', t)}") from None
+    return value
+
+
+def set_field(cfg: PretrainConfig, dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or not key:
+        raise ConfigError(f"{dotted!r}: write section.field=value; sections: {', '.join(SECTIONS)}")
+    obj = getattr(cfg, section)
+    if section == "model" and key.startswith("overrides."):
+        sub = key.split(".", 1)[1]
+        known = {f.name for f in fields(MAEConfig)}
+        if sub not in known:
+            raise ConfigError(f"model.overrides.{sub}: unknown model field; known: {', '.join(sorted(known))}")
+        obj.overrides[sub] = yaml.safe_load(value) if isinstance(value, str) else value
+        return
+    fmap = {f.name: f for f in fields(obj)}
+    if key not in fmap:
+        raise ConfigError(f"{dotted}: unknown field; {section} has: {', '.join(fmap)}")
+    setattr(obj, key, _coerce(dotted, getattr(obj, key), value, fmap[key].type))
+
+
+def load(path: str | None, overrides: list[str]) -> PretrainConfig:
+    """A YAML file (optional) plus ``section.field=value`` overrides -> a validated config."""
+    d: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} does not exist: check the path")
+        with open(path) as f:
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+    cfg = PretrainConfig()
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {section!r}; sections: {', '.join(SECTIONS)}")
+        for k, v in (values or {}).items():
+            set_field(cfg, f"{section}.{k}", v)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: write section.field=value, e.g. optim.base_lr=1e-3")
+        k, v = ov.split("=", 1)
+        set_field(cfg, k.strip(), v)
+    return cfg.validate()
+
+
+def describe() -> str:
+    """Every field with its default and help, for ``--help``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"\n{section}:")
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f.metadata.get("help") or DATA_HELP.get(f.name, "")
+            lines.append(f"  {section}.{f.name} = {json.dumps(default)}\n      {help_}")
+    return "\n".join(lines)
+
+
+DATA_HELP = {
+    "source": "URI of prepared shards (mae prepare) or of an image folder",
+    "split": "split of prepared shards to train on",
+    "img_size": "set from the model",
+    "patch_size": "set from the model",
+    "augment": "RandomResizedCrop(scale 0.2-1) + flip (else resize + center crop)",
+    "seed": "seed of file order, local shuffle and augmentations",
+    "shuffle": "reshuffle file order each epoch + a local shuffle buffer",
+    "shuffle_buffer": "rows in the trainer-side local shuffle buffer",
+    "val_fraction": "image folders: hash split held out for validation pictures",
+    "decode_batch_size": "images per decode call",
+    "decode_concurrency": "max parallel decode tasks (null: Ray Data decides)",
+    "decode_cpus": "CPUs reserved per decode task",
+    "max_data_cpus": "cap on CPUs Ray Data may use (null: all not used by training)",
+    "prefetch_batches": "batches prefetched by each training worker",
+    "reduced_decode": "JPEG DCT-scaled decode when the crop allows",
+    "max_pixels": "skip images with more pixels (decompression bombs)",
+    "deterministic": "preserve order, no shuffles (exact-resume comparisons)",
+}

@@ -1,0 +1,137 @@
+"""Namespaced, honest metrics: stdout (rank 0, one line), TensorBoard, ``metrics.jsonl``.
+
+Local files live in the worker's scratch directory and are copied to the run directory (local
+or object storage) at each checkpoint and at the end, so a resumed run keeps its history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+
+import torch
+
+from pipeline.storage import fsspec_fs, parse_uri, storage_errors
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device name; anything else is measured, never invented.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def measured_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 512, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul on this device: the CPU's reference for MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(FLOP/s, how it was obtained)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if precision == "bf16":
+            for k, v in GPU_PEAK_BF16.items():
+                if k in name:
+                    return v, f"{k} bf16 dense peak"
+        return measured_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32,
+                                    n=4096), "measured matmul"
+    return measured_matmul_peak(device), "measured fp32 matmul"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def local_state_mb(model, optimizer) -> float:
+    """Bytes this rank holds for parameters and optimizer state (FSDP2 shards count locally)."""
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    total = sum(nbytes(p) for p in model.parameters())
+    for st in optimizer.state.values():
+        total += sum(nbytes(v) for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total / 2**20
+
+
+def fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Rank 0 only. ``log`` writes everywhere; ``sync`` copies the files to the run directory."""
+
+    def __init__(self, local_dir: str, run_dir: str, total_steps: int):
+        self.local_dir, self.run_dir, self.total_steps = local_dir, run_dir, total_steps
+        os.makedirs(local_dir, exist_ok=True)
+        self.jsonl = os.path.join(local_dir, "metrics.jsonl")
+        self._pull_history()
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(local_dir, "tb"))
+        except Exception:  # noqa: BLE001 - TensorBoard is optional at run time
+            self.tb = None
+
+    def _pull_history(self) -> None:
+        u = parse_uri(self.run_dir).join("metrics.jsonl")
+        fs, p = fsspec_fs(u)
+        with storage_errors(u):
+            if fs.exists(p) and u.scheme != "file":
+                fs.get(p, self.jsonl)
+            elif fs.exists(p) and os.path.abspath(p) != os.path.abspath(self.jsonl):
+                fs.get(p, self.jsonl)
+
+    def log(self, step: int, metrics: dict, line: str | None = None) -> None:
+        rec = {"step": step, "time": time.time(), **metrics}
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if line:
+            print(line, flush=True)
+
+    def sync(self) -> None:
+        u = parse_uri(self.run_dir)
+        fs, p = fsspec_fs(u)
+        with storage_errors(u):
+            if u.scheme == "file":
+                os.makedirs(p, exist_ok=True)
+                if os.path.abspath(p) == os.path.abspath(self.local_dir):
+                    return
+            fs.put(self.jsonl, f"{p.rstrip('/')}/metrics.jsonl")
+            tb = os.path.join(self.local_dir, "tb")
+            if os.path.isdir(tb):
+                for fn in os.listdir(tb):
+                    fs.put(os.path.join(tb, fn), f"{p.rstrip('/')}/tb/{fn}")
+
+    def put_file(self, local_path: str, name: str) -> str:
+        u = parse_uri(self.run_dir).join(name)
+        fs, p = fsspec_fs(u)
+        with storage_errors(u):
+            if u.scheme == "file":
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+            fs.put(local_path, p)
+        return str(u)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,47 @@
+"""Learning-rate rules and parameter groups, as small pure functions (MAE util/lr_sched.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The paper's linear scaling rule: lr = base_lr * global_batch / 256."""
+    return base_lr * global_batch / 256
+
+
+def lr_at(step: int, *, peak: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
+    """Per-step linear warmup from 0, then half-cycle cosine from ``peak`` to ``min_lr``.
+
+    ``step`` counts optimizer steps already taken (the lr used for step ``step + 1``).
+    """
+    if warmup > 0 and step < warmup:
+        return peak * step / warmup
+    if total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: none on biases, norms, position embeddings and tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, *, lr: float, weight_decay: float, betas, device_type: str):
+    kw = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), **kw)

@@ -1,0 +1,190 @@
+"""mae pretrain [CONFIG.yaml] [section.field=value ...]: distributed MAE pretraining.
+
+Ray Train V2 TorchTrainer, FSDP2 workers, Ray Data input, sharded DCP checkpoints under
+``run.storage_path/run.name``. Starting again with the same run name and storage path resumes
+from the latest complete checkpoint (also with another number of workers).
+
+    mae pretrain configs/demo.yaml data.source=s3://bucket/shards scaling.num_workers=16
+    python -m jobs.pretrain ...      (the form `ray job submit -- python -m jobs.pretrain` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from jobs import checkpoint as ckpt
+from jobs.common import UserError, init_ray, one_line_errors
+from jobs.config import PretrainConfig, describe, load
+from pipeline.dataset import build_dataset
+from pipeline.sources import SourceInfo, resolve
+from pipeline.storage import fsspec_fs, parse_uri, pyarrow_fs, read_bytes, storage_errors
+
+
+def run_dir_of(cfg: PretrainConfig) -> str:
+    return str(parse_uri(cfg.run.storage_path).join(cfg.run.name))
+
+
+def _vis_images(cfg: PretrainConfig, info: SourceInfo, n: int) -> list[bytes]:
+    """A fixed set of validation images: the val split when there is one, else the first
+    images of the training source (sorted by key), so pictures compare across steps."""
+    if n <= 0:
+        return []
+    src = info
+    if info.kind == "parquet" and "val" in info.manifest.get("splits", {}):
+        src = resolve(cfg.data.source, "val")
+    if src.kind == "parquet":
+        import pyarrow.parquet as pq
+        fs, _ = pyarrow_fs(src.uri)
+        out = []
+        for f in src.files:
+            t = pq.read_table(f, filesystem=fs, columns=["image"])
+            out.extend(t["image"].to_pylist()[: n - len(out)])
+            if len(out) >= n:
+                break
+        return out
+    fs, _ = fsspec_fs(src.uri)
+    return [fs.cat_file(p) for p in src.files[:n]]
+
+
+def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float) -> dict:
+    from pipeline.decode import SkipImage
+    from pipeline.transforms import transform_image
+    from jobs.optim import scaled_lr
+
+    mcfg = cfg.model.build()
+    world = cfg.scaling.num_workers
+    global_batch = cfg.train.batch_size * world * cfg.optim.accum_steps
+    rows = info.num_rows
+    if not rows:
+        raise UserError(f"{cfg.data.source}: the dataset holds no images")
+    steps_per_epoch = rows // global_batch
+    if steps_per_epoch < 1:
+        raise UserError(f"{cfg.data.source}: {rows} images are fewer than one global batch of "
+                        f"{global_batch} (batch_size x workers x accum_steps): lower train.batch_size")
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0 else round(cfg.optim.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, total)
+    peak = cfg.optim.lr if cfg.optim.lr > 0 else scaled_lr(cfg.optim.base_lr, global_batch)
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if cfg.scaling.use_gpu else "fp32")
+    vis = None
+    imgs = []
+    ecfg = cfg.data.transform()
+    ecfg = type(ecfg)(**{**ecfg.__dict__, "train": False})
+    for data in _vis_images(cfg, info, cfg.train.vis_images):
+        try:
+            imgs.append(transform_image(data, ecfg, np.random.default_rng(0)))
+        except SkipImage:
+            continue
+    if imgs:
+        rng = np.random.default_rng(cfg.train.seed + 12345)
+        vis = {"patches": np.stack(imgs).tolist(), "noise": rng.random((len(imgs), mcfg.num_patches)).tolist()}
+    return {"run_dir": run_dir_of(cfg), "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total, "warmup_steps": warmup, "peak_lr": peak, "precision": precision,
+            "flops_per_image": mcfg.train_flops_per_image(), "rows": rows, "t_launch": t_launch,
+            "config_yaml": cfg.to_yaml(), "vis": vis}
+
+
+def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True):
+    """Build and run the TorchTrainer. Returns (ray.train.Result, plan)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.train_loop import train_loop_per_worker
+
+    t_launch = t_launch or time.time()
+    run_dir = run_dir_of(cfg)
+    latest = ckpt.latest_complete(run_dir)
+    start_epoch = ckpt.read_train_state(latest["uri"])["epoch"] if latest else 0
+    u = parse_uri(run_dir)
+    fs, p = fsspec_fs(u)
+    with storage_errors(u):
+        if fs.exists(f"{p}/FAILED.json"):
+            fs.rm(f"{p}/FAILED.json")  # a new attempt resumes from the last good checkpoint
+    ds, info = build_dataset(cfg.data, epoch_offset=start_epoch)
+    plan = make_plan(cfg, info, t_launch)
+    # Save the resolved config with the run (credentials never appear in it: they are not config).
+    from pipeline.storage import write_bytes
+    write_bytes(u.join("config.yaml"), cfg.to_yaml().encode())
+    if verbose:
+        print(f"[mae] run {run_dir}: {plan['rows']} images, global batch {plan['global_batch']}, "
+              f"{plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), warmup {plan['warmup_steps']}, "
+              f"peak lr {plan['peak_lr']:.3g}, {cfg.scaling.num_workers} workers, {plan['precision']}"
+              + (f"; resuming from {latest['uri']}" if latest else ""), flush=True)
+
+    storage_fs, storage_root = pyarrow_fs(cfg.run.storage_path)
+    if parse_uri(cfg.run.storage_path).scheme == "file":
+        os.makedirs(storage_root, exist_ok=True)
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage_root, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    return result, plan
+
+
+def failure_of(cfg: PretrainConfig) -> str | None:
+    u = parse_uri(run_dir_of(cfg)).join("FAILED.json")
+    try:
+        return json.loads(read_bytes(u))["error"]
+    except Exception:  # noqa: BLE001 - no failure recorded
+        return None
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mae pretrain", description=__doc__, add_help=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", help="YAML config (sections: model, data, optim, train, scaling, run)")
+    ap.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    ap.add_argument("-h", "--help", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser().parse_args(argv)
+    if a.help:
+        print(parser().format_help() + "\nfields (section.field = default):" + describe())
+        return 0
+    if a.config and "=" in a.config:  # only overrides given
+        a.overrides.insert(0, a.config)
+        a.config = None
+    t_launch = time.time()
+    with one_line_errors("mae pretrain"):
+        cfg = load(a.config, a.overrides)
+        init_ray(cfg.run.address or None)
+        result, plan = fit(cfg, t_launch)
+    err = failure_of(cfg)
+    if err:
+        print(f"mae pretrain: error: {err}", file=sys.stderr)
+        return 1
+    if result.error:
+        print(f"mae pretrain: error: the run failed: {str(result.error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    rd = plan["run_dir"]
+    latest = ckpt.latest_complete(rd)
+    print(f"[mae] done. run directory: {rd}\n"
+          f"  checkpoints: {rd}/checkpoint_* (latest: {latest['uri'] if latest else 'none'})\n"
+          f"  metrics:     {rd}/metrics.jsonl and TensorBoard events in {rd}/tb\n"
+          f"  pictures:    {rd}/reconstruction_latest.png and {rd}/pictures/\n"
+          f"  config:      {rd}/config.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
