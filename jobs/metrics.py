@@ -22,8 +22,9 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
 
 def measured_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 512, seconds: float = 0.3) -> float:
     """FLOP/s of a square matmul on this device: the CPU's reference for MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG streams
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     for _ in range(3):
         a @ b
     iters, t0 = 0, time.perf_counter()
