@@ -36,10 +36,10 @@ def peak_flops() -> float:
     return float("nan")
 
 
-def build(cfg, dtype, device):
+def build(cfg, dtype, device, reshard=True):
     with torch.device("meta"):
         model = MaskedAutoencoder(cfg)
-    parallelize(model, mp_policy=mixed_precision(dtype))
+    parallelize(model, mp_policy=mixed_precision(dtype), reshard_after_forward=reshard)
     model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()
@@ -58,15 +58,16 @@ def time_steps(step, batch, n_warm, n_iter):
 
 
 def bench_ours(name, cfg, batch, n_warm, n_iter, variant):
-    """variant: "fsdp2+fused" | "fsdp2+foreach" (the trainer's path) or "plain" (no FSDP,
-    bf16 autocast, fused AdamW: the model alone, as the HF baseline runs)."""
+    """variant: "fsdp2+fused" (the trainer's path on GPU), "fsdp2+foreach", "fsdp2-noreshard"
+    (params kept gathered between forward and backward), or "plain" (no FSDP, bf16 autocast,
+    fused AdamW: the model alone, as the HF baseline runs)."""
     dev = torch.device("cuda")
     if variant == "plain":
         torch.manual_seed(0)
         model = MaskedAutoencoder(cfg).to(dev)
     else:
-        model = build(cfg, torch.bfloat16, dev)
-    opt_kw = {"fused": True} if variant in ("plain", "fsdp2+fused") else {"foreach": True}
+        model = build(cfg, torch.bfloat16, dev, reshard="noreshard" not in variant)
+    opt_kw = {"foreach": True} if "foreach" in variant else {"fused": True}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **opt_kw)
     x = torch.randint(0, 256, (batch, cfg.num_patches, cfg.patch_dim), dtype=torch.uint8, device=dev)
 
@@ -159,8 +160,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="base,large")
     ap.add_argument("--batch", default="base=256,large=128,huge=64")
-    ap.add_argument("--iters", type=int, default=15)
-    ap.add_argument("--variants", default="fsdp2+fused,fsdp2+foreach,plain")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--variants", default="plain,fsdp2+fused,fsdp2-noreshard")
+    ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--out", default=None)
@@ -176,9 +178,9 @@ def main():
         cfg = get_preset(presets[m])
         b = int(batches[m])
         print(f"{m}: {cfg.train_flops_per_image() / 1e9:.1f} GFLOP per training image", flush=True)
-        runs = [lambda v=v: bench_ours(m, cfg, b, 3, a.iters, v) for v in a.variants.split(",")]
+        runs = [lambda v=v: bench_ours(m, cfg, b, a.warmup, a.iters, v) for v in a.variants.split(",")]
         if a.hf:
-            runs.append(lambda: bench_hf(m, cfg, b, 3, a.iters))
+            runs.append(lambda: bench_hf(m, cfg, b, a.warmup, a.iters))
         for run in runs:
             try:  # one failing variant must not cost the others' figures
                 rows.append(run())
