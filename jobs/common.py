@@ -18,13 +18,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kw):
     127.0.0.1. Storage variables are forwarded so that workers reach the same endpoint."""
     import ray
 
-    from pipeline.dataset import runtime_env_vars
     if ray.is_initialized():
         return ray
-    env_vars = {**runtime_env_vars(), **kw.pop("env_vars", {})}
-    for k, v in env_vars.items():  # the driver plans reads too
-        os.environ.setdefault(k, v)
-    kw["runtime_env"] = {**kw.get("runtime_env", {}), "env_vars": env_vars}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, **kw)

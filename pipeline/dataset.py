@@ -11,29 +11,20 @@ Corrupt, truncated, empty or non-image objects are skipped and counted by :class
 from __future__ import annotations
 
 import functools
+import json
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
+from typing import Iterator
 
 import numpy as np
 
 from .decode import DEFAULT_MAX_PIXELS, SkipImage
 from .sources import SourceInfo, label_of, relative_key, resolve
-from .storage import parse_uri, pyarrow_fs
+from .storage import StorageError, parse_uri, pyarrow_fs, storage_errors
 from .transforms import TransformConfig, transform_image
 
 STATS_ACTOR = "mae_pipeline_stats"
-
-# Ray Data settings read from the environment of the processes that plan reads (not from
-# DataContext): they must reach every worker, so entrypoints put them in the job's runtime_env.
-# Parquet read units are bin-packed up to this many bytes; the default (128 MiB, ~1,300 encoded
-# ImageNet JPEGs) makes decode tasks too coarse to spread over a node's cores.
-READ_UNIT_BYTES = 16 * 2**20
-
-
-def runtime_env_vars(read_unit_bytes: int = READ_UNIT_BYTES) -> dict[str, str]:
-    return {"RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(int(read_unit_bytes))}
-
 
 @dataclass
 class DataConfig:
@@ -46,7 +37,8 @@ class DataConfig:
     shuffle: bool = True             # file order reshuffled each epoch + a local shuffle buffer
     shuffle_buffer: int = 1024       # rows in the trainer-side local shuffle buffer
     val_fraction: float = 0.0        # image folders only: seeded hash split
-    decode_batch_size: int = 32      # rows per decode call
+    decode_batch_size: int = 32      # rows per decode call (and per output block)
+    rows_per_unit: int = 256         # images per read unit: one task reads and decodes a unit
     decode_concurrency: int | None = None  # max parallel decode tasks (None: Ray Data decides)
     decode_cpus: float = 1.0         # CPUs reserved by each decode task
     max_data_cpus: float | None = None     # cap on CPUs for Ray Data (leave room for training)
@@ -179,32 +171,94 @@ def configure_context(cfg: DataConfig):
     return ctx
 
 
+def read_units(info: SourceInfo, rows_per_unit: int) -> list[dict]:
+    """Split the source into read units of about ``rows_per_unit`` images, each read and decoded
+    by one fused task: a Parquet row group (or a run of small ones), or a chunk of image files.
+
+    Footers are read here, on the driver, with threads: no listing actors to start per epoch.
+    """
+    units: list[dict] = []
+    if info.kind == "images":
+        for i in range(0, len(info.files), rows_per_unit):
+            units.append({"kind": "images", "files": info.files[i:i + rows_per_unit]})
+        return units
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+    fs, _ = pyarrow_fs(info.uri)
+
+    def footer(path):
+        with storage_errors(f"{info.uri} ({path})"):
+            with fs.open_input_file(path) as f:
+                md = pq.ParquetFile(f).metadata
+        return path, [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+    with ThreadPoolExecutor(16) as pool:
+        footers = list(pool.map(footer, info.files))
+    for path, groups in footers:
+        cur, n = [], 0
+        for i, rows in enumerate(groups):
+            cur.append(i)
+            n += rows
+            if n >= rows_per_unit:
+                units.append({"kind": "parquet", "file": path, "row_groups": cur})
+                cur, n = [], 0
+        if cur:
+            units.append({"kind": "parquet", "file": path, "row_groups": cur})
+    return units
+
+
+def load_and_decode(batch: dict, *, uri: str, decode_batch_size: int, **decode_kw) -> Iterator[dict]:
+    """One read unit -> decoded uint8 patch batches, streamed out as they are ready."""
+    import pyarrow.parquet as pq
+    unit = json.loads(batch["unit"][0])
+    fs, _ = pyarrow_fs(uri)
+    if unit["kind"] == "parquet":
+        with storage_errors(f"{uri} ({unit['file']})"):
+            with fs.open_input_file(unit["file"]) as f:
+                t = pq.ParquetFile(f).read_row_groups(unit["row_groups"], columns=["key", "image", "label"])
+        keys, images, labels = t["key"].to_pylist(), t["image"].to_pylist(), t["label"].to_pylist()
+    else:
+        keys, images, labels = unit["files"], [], None
+        for path in keys:
+            try:
+                with fs.open_input_stream(path) as f:
+                    images.append(f.read())
+            except OSError:
+                images.append(b"")  # counted as a skip ("empty") by the decoder
+    for i in range(0, len(keys), decode_batch_size):
+        sl = slice(i, i + decode_batch_size)
+        part = {"key": keys[sl], "image": images[sl]}
+        if labels is not None:
+            part["label"] = labels[sl]
+        yield decode_batch(part, root=uri, **decode_kw)
+
+
 def build_dataset(cfg: DataConfig, *, epoch_offset: int = 0, source: SourceInfo | None = None):
     """-> (ray.data.Dataset of {"patches", "label"}, SourceInfo). Streaming; nothing materialized.
 
-    epoch_offset: the epoch the first pass over this dataset counts as (a resumed run passes the
-    epoch it resumes in, so that augmentations and file order continue as uninterrupted).
+    The dataset is a list of read units (one block each) whose order is reshuffled on every
+    execution (= epoch), seeded; each unit is read and decoded by one task that streams uint8
+    patch batches out. epoch_offset: the epoch the first pass counts as (a resumed run passes
+    the epoch it resumes in, so that augmentations and file order continue as uninterrupted).
     """
     import ray.data
-    from ray.data import FileShuffleConfig
+    from ray.data._internal.random_config import RandomSeedConfig
 
     configure_context(cfg)
     info = source or resolve(cfg.source, cfg.split, cfg.val_fraction, cfg.seed)
-    fs, _ = pyarrow_fs(info.uri)
-    shuffle = None
+    units = read_units(info, cfg.rows_per_unit)
+    if not units:
+        raise StorageError(f"{cfg.source}: no data to read for split {cfg.split!r}")
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
     if cfg.shuffle and not cfg.deterministic:
-        shuffle = FileShuffleConfig(seed=cfg.seed + 1000003 * epoch_offset, reseed_after_execution=True)
-    if info.kind == "parquet":
-        ds = ray.data.read_parquet(info.files, filesystem=fs, columns=["key", "image", "label"],
-                                   shuffle=shuffle)
-        class_index = None
-    else:
-        ds = ray.data.read_binary_files(info.files, filesystem=fs, include_paths=True, shuffle=shuffle)
-        class_index = {c: i for i, c in enumerate(info.classes)} if info.classes else None
-    fn = functools.partial(decode_batch, tcfg=cfg.transform(), seed=cfg.seed, epoch_offset=epoch_offset,
-                           class_index=class_index, root=info.uri, stats=stats_actor())
-    ds = ds.map_batches(fn, batch_size=cfg.decode_batch_size, batch_format="numpy",
-                        num_cpus=cfg.decode_cpus, concurrency=cfg.decode_concurrency)
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.seed + 1000003 * epoch_offset,
+                                                            reseed_after_execution=True))
+    class_index = {c: i for i, c in enumerate(info.classes)} if (info.classes and info.kind == "images") else None
+    fn = functools.partial(load_and_decode, uri=info.uri, decode_batch_size=cfg.decode_batch_size,
+                           tcfg=cfg.transform(), seed=cfg.seed, epoch_offset=epoch_offset,
+                           class_index=class_index, stats=stats_actor())
+    ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
+                        concurrency=cfg.decode_concurrency)
     return ds, info
 
 

@@ -3,19 +3,26 @@
 Train: RandomResizedCrop(img_size, scale (0.2, 1.0), ratio (3/4, 4/3), bicubic) + horizontal
 flip, the MAE recipe. Eval: resize the short side to ``img_size / 0.875`` and center-crop.
 The crop box is drawn from the header size *before* decoding, so the decoder can use JPEG DCT
-scaling for the region it needs; crop + resize is a single PIL ``resize(box=...)``.
+scaling for the region it needs; only the crop is copied out, and resized by torch's uint8
+antialiased bicubic kernel (PIL's filter, ~3x faster than PIL here).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .decode import DEFAULT_MAX_PIXELS, SkipImage, decode, displayed_size, open_image
 from .patchify import patchify
+
+# The crop is read, never written: torch's warning about the read-only numpy view is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def center_crop_box(width: int, height: int, img_size: int, crop_pct: float) -> 
     return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
 
 
-def _box_decode(data: bytes, box_fn, out: int, cfg: TransformConfig) -> Image.Image:
+def _box_decode(data: bytes, box_fn, out: int, cfg: TransformConfig) -> np.ndarray:
     """Decode (reduced where possible) and crop+resize the box that box_fn picks to out x out."""
     header = open_image(data, cfg.max_pixels)
     W, H = displayed_size(header)
@@ -79,7 +86,22 @@ def _box_decode(data: bytes, box_fn, out: int, cfg: TransformConfig) -> Image.Im
             need = (math.ceil(W / s), math.ceil(H / s))
     img = decode(data, need=need, max_pixels=cfg.max_pixels, img=header)
     fx, fy = img.size[0] / W, img.size[1] / H
-    return img.resize((out, out), Image.BICUBIC, box=(l * fx, t * fy, r * fx, b * fy))
+    return resize_crop(img, (l * fx, t * fy, r * fx, b * fy), out)
+
+
+def resize_crop(img: Image.Image, box, out: int) -> np.ndarray:
+    """Crop ``box`` (l, t, r, b) and resize to (out, out) with antialiased bicubic, uint8 HWC.
+
+    torch's uint8 antialiased resize computes PIL's filter (bicubic a=-0.5, antialias) at about
+    3x PIL's speed here; only the crop is copied out of the decoded image.
+    """
+    W, H = img.size
+    l, t = max(0, int(round(box[0]))), max(0, int(round(box[1])))
+    r, b = min(W, max(l + 1, int(round(box[2])))), min(H, max(t + 1, int(round(box[3]))))
+    crop = np.asarray(img.crop((l, t, r, b)))  # (h, w, 3) uint8
+    x = torch.from_numpy(crop).permute(2, 0, 1)
+    x = TF.resize(x, [out, out], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return x.permute(1, 2, 0).numpy()
 
 
 def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator) -> np.ndarray:
@@ -92,8 +114,7 @@ def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator)
     else:
         def box(W, H):
             return center_crop_box(W, H, S, cfg.crop_pct)
-    img = _box_decode(data, box, S, cfg)
-    a = np.asarray(img, dtype=np.uint8)
+    a = _box_decode(data, box, S, cfg)
     if cfg.train and rng.random() < cfg.hflip:
         a = a[:, ::-1]
     if a.shape != (S, S, 3):

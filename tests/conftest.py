@@ -61,13 +61,7 @@ def ray_cluster(s3):
     cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1", resources={"node_worker": 1},
                      object_store_memory=400 * 2**20)
     cluster.wait_for_nodes()
-    from pipeline.dataset import runtime_env_vars
-    # Tiny read units so that the tests' small shards spread over several decode tasks; set
-    # here (the driver plans reads) and in the runtime env (so do Train's split coordinators).
-    env_vars = runtime_env_vars(read_unit_bytes=4 * 1024)
-    os.environ.update(env_vars)
-    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": env_vars})
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=True)
     yield cluster
     ray.shutdown()
     cluster.shutdown()

@@ -25,7 +25,7 @@ def shards(labeled_dir, bucket, ray_cluster):
 
 def config(shards, bucket, name, *extra):
     return load(None, [
-        "model.preset=mae_vit_micro_patch4", f"data.source={shards}", "data.decode_batch_size=16",
+        "model.preset=mae_vit_micro_patch4", f"data.source={shards}", "data.decode_batch_size=8", "data.rows_per_unit=16",
         "data.shuffle_buffer=32", "train.batch_size=8", "train.log_every=1", "train.vis_images=4",
         "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0",
         "scaling.num_workers=2", f"run.storage_path=s3://{bucket}/runs", f"run.name={name}",

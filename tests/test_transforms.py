@@ -39,9 +39,16 @@ def test_patchify_then_unpatchify_returns_the_crop():
     patches = transform_image(data, cfg, r1)
     assert patches.shape == (16, 8 * 8 * 3) and patches.dtype == np.uint8
     l, t, w, h = random_resized_crop_params(64, 64, r2)
-    expected = np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC, box=(l, t, l + w, t + h)))
+    import torch
+    import torchvision.transforms.v2.functional as TF
+    x = torch.from_numpy(img).permute(2, 0, 1)
+    expected = TF.resized_crop(x, t, l, h, w, [32, 32], interpolation=TF.InterpolationMode.BICUBIC,
+                               antialias=True).permute(1, 2, 0).numpy()
     assert np.array_equal(unpatchify(patches[None], 8)[0], expected)
     assert np.array_equal(patchify(expected, 8), patches)
+    # and it is PIL's antialiased bicubic up to rounding
+    pil = np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC, box=(l, t, l + w, t + h)))
+    assert np.abs(pil.astype(int) - expected.astype(int)).mean() < 1.5
 
 
 def test_eval_transform_is_deterministic_center_crop():
