@@ -8,6 +8,8 @@ import sys
 COMMANDS = {
     "prepare": ("jobs.prepare", "shard a folder/bucket of images into Parquet + manifest"),
     "pretrain": ("jobs.pretrain", "distributed MAE pretraining (Ray Train + FSDP2)"),
+    "evaluate": ("jobs.evaluate", "frozen-encoder k-NN and linear probe of a checkpoint"),
+    "tune": ("jobs.tune", "search mask ratio / decoder depth; each trial a distributed run"),
     "demo": ("jobs.demo", "end-to-end demo on synthetic images, on a local Ray cluster"),
 }
 

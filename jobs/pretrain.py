@@ -31,6 +31,57 @@ def run_dir_of(cfg: PretrainConfig) -> str:
     return str(parse_uri(cfg.run.storage_path).join(cfg.run.name))
 
 
+def _labeled_images(cfg: PretrainConfig, split: str, n: int) -> tuple[list[bytes], list[int]]:
+    """Up to n (image bytes, label) of a split, spread evenly over the split's files."""
+    info = resolve(cfg.data.source, split, cfg.data.val_fraction or 0.2, cfg.data.seed)
+    if info.kind == "parquet":
+        import pyarrow.parquet as pq
+        fs, _ = pyarrow_fs(info.uri)
+        imgs, labels = [], []
+        per = max(1, -(-n // max(1, len(info.files))))
+        for f in info.files:
+            t = pq.read_table(f, filesystem=fs, columns=["image", "label"])
+            imgs += t["image"].to_pylist()[:per]
+            labels += t["label"].to_pylist()[:per]
+        pairs = [(i, lab) for i, lab in zip(imgs, labels) if lab is not None][:n]
+    else:
+        from pipeline.sources import label_of, relative_key
+        fs, _ = fsspec_fs(info.uri)
+        idx = {c: i for i, c in enumerate(info.classes or [])}
+        step = max(1, len(info.files) // max(1, n))
+        pairs = [(fs.cat_file(p), label_of(relative_key(parse_uri(info.uri), p), idx)) for p in info.files[::step][:n]]
+        pairs = [(i, lab) for i, lab in pairs if lab is not None]
+    if not pairs:
+        raise UserError(f"{cfg.data.source}: the {split!r} split has no labeled images for the k-NN probe")
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _patches(cfg: PretrainConfig, datas: list[bytes], labels=None):
+    """Eval transform (resize + center crop) -> uint8 patches; undecodable images dropped."""
+    from pipeline.decode import SkipImage
+    from pipeline.transforms import transform_image
+    ecfg = cfg.data.transform()
+    ecfg = type(ecfg)(**{**ecfg.__dict__, "train": False})
+    out, keep = [], []
+    for i, d in enumerate(datas):
+        try:
+            out.append(transform_image(d, ecfg, np.random.default_rng(0)))
+            keep.append(i)
+        except SkipImage:
+            continue
+    arr = np.stack(out) if out else None
+    return (arr, np.asarray([labels[i] for i in keep], np.int64)) if labels is not None else arr
+
+
+def probe_data(cfg: PretrainConfig) -> dict | None:
+    """Held-out labeled images for the in-training k-NN probe (the tuning objective)."""
+    if not cfg.train.knn_eval:
+        return None
+    tr, tr_y = _patches(cfg, *_labeled_images(cfg, "train", cfg.train.knn_train_images))
+    va, va_y = _patches(cfg, *_labeled_images(cfg, "val", cfg.train.knn_val_images))
+    return {"train": tr, "train_y": tr_y, "val": va, "val_y": va_y}
+
+
 def _vis_images(cfg: PretrainConfig, info: SourceInfo, n: int) -> list[bytes]:
     """A fixed set of validation images: the val split when there is one, else the first
     images of the training source (sorted by key), so pictures compare across steps."""
@@ -54,8 +105,6 @@ def _vis_images(cfg: PretrainConfig, info: SourceInfo, n: int) -> list[bytes]:
 
 
 def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float) -> dict:
-    from pipeline.decode import SkipImage
-    from pipeline.transforms import transform_image
     from jobs.optim import scaled_lr
 
     mcfg = cfg.model.build()
@@ -74,24 +123,17 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float) -> dict:
     peak = cfg.optim.lr if cfg.optim.lr > 0 else scaled_lr(cfg.optim.base_lr, global_batch)
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if cfg.scaling.use_gpu else "fp32")
     vis = None
-    imgs = []
-    ecfg = cfg.data.transform()
-    ecfg = type(ecfg)(**{**ecfg.__dict__, "train": False})
-    for data in _vis_images(cfg, info, cfg.train.vis_images):
-        try:
-            imgs.append(transform_image(data, ecfg, np.random.default_rng(0)))
-        except SkipImage:
-            continue
-    if imgs:
+    imgs = _patches(cfg, _vis_images(cfg, info, cfg.train.vis_images))
+    if imgs is not None:
         rng = np.random.default_rng(cfg.train.seed + 12345)
-        vis = {"patches": np.stack(imgs).tolist(), "noise": rng.random((len(imgs), mcfg.num_patches)).tolist()}
+        vis = {"patches": imgs, "noise": rng.random((len(imgs), mcfg.num_patches)).astype(np.float32)}
     return {"run_dir": run_dir_of(cfg), "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
             "total_steps": total, "warmup_steps": warmup, "peak_lr": peak, "precision": precision,
             "flops_per_image": mcfg.train_flops_per_image(), "rows": rows, "t_launch": t_launch,
-            "config_yaml": cfg.to_yaml(), "vis": vis}
+            "config_yaml": cfg.to_yaml(), "vis": vis, "probe": probe_data(cfg)}
 
 
-def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True):
+def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None):
     """Build and run the TorchTrainer. Returns (ray.train.Result, plan)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -131,7 +173,7 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage_root, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
         datasets={"train": ds},
     )
     result = trainer.fit()

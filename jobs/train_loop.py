@@ -24,6 +24,7 @@ from jobs import checkpoint as ckpt
 from jobs.config import PretrainConfig
 from jobs.metrics import MetricsLogger, fmt_eta, local_state_mb, peak_flops, peak_memory_mb
 from jobs.optim import build_optimizer, lr_at
+from jobs.probe import features, knn_top1
 from jobs.visualize import reconstruction_grid, save_png
 from mae_model import MaskedAutoencoder
 from mae_model.parallelize import mixed_precision, parallelize
@@ -136,6 +137,9 @@ def train_loop_per_worker(config: dict) -> None:
     vis = plan.get("vis")
     vis_patches = torch.from_numpy(np.asarray(vis["patches"], dtype=np.uint8)).to(device) if vis else None
     vis_noise = torch.from_numpy(np.asarray(vis["noise"], dtype=np.float32)).to(device) if vis else None
+    probe = plan.get("probe")
+    if probe:
+        probe = {k: torch.from_numpy(np.asarray(v)) for k, v in probe.items()}
     vis_every = cfg.train.vis_every or cfg.train.ckpt_every
 
     shard = ray.train.get_dataset_shard("train")
@@ -258,13 +262,20 @@ def train_loop_per_worker(config: dict) -> None:
                 "memory/param_optim_mb": local_state_mb(model, opt),
                 "images_seen": step * plan["global_batch"],
             }
+            if probe is not None:  # every rank runs the (collective) forward; all get the result
+                ftr = features(model, probe["train"].to(device))
+                fva = features(model, probe["val"].to(device))
+                for kind in ("cls", "mean"):
+                    metrics[f"knn_top1/{kind}"] = knn_top1(ftr[kind], probe["train_y"], fva[kind], probe["val_y"])
+                metrics["knn_top1"] = max(metrics["knn_top1/cls"], metrics["knn_top1/mean"])
             if not first_step_logged:
                 metrics["time/launch_to_first_log_s"] = time.time() - t_launch
                 first_step_logged = True
             if rank == 0:
                 eta = (total - step) * elapsed / max(1, win["steps"])
+                knn = f" knn {100 * metrics['knn_top1']:.1f}%" if "knn_top1" in metrics else ""
                 logger.log(step, metrics, line=(
-                    f"[mae] step {step}/{total} epoch {epoch} loss {mean_loss:.4f} lr {lr:.2e} "
+                    f"[mae] step {step}/{total} epoch {epoch} loss {mean_loss:.4f}{knn} lr {lr:.2e} "
                     f"{ips:.1f} img/s data-wait {100 * metrics['throughput/data_wait_share']:.0f}% "
                     f"mfu {100 * metrics['mfu']:.1f}% ({peak_how}) mem {metrics['memory/peak_mb']:.0f}MB "
                     f"eta {fmt_eta(eta)}"))

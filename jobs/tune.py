@@ -1,0 +1,206 @@
+"""mae tune [CONFIG.yaml] [overrides] --grid/--random: search mask ratio and decoder depth.
+
+Each trial is a whole distributed pretraining run: a Tune function trainable builds and fits a
+TorchTrainer (the Ray Train V2 pattern) whose metrics reach Tune through TuneReportCallback.
+
+The objective is the k-NN top-1 on held-out labeled images (``knn_top1``), measured at every
+report. The reconstruction loss is reported too but is NOT the objective: a higher mask ratio
+always has a higher loss, yet 75% beats 50% downstream in the MAE paper. Trials are budgeted in
+images seen (the same ``train.max_steps`` x global batch for all), early stopping is ASHA on the
+objective with ``images_seen`` as its clock, and the best trial is chosen over every trial's whole
+history (``scope="all"``), so that an early-stopped trial's last value cannot win by accident.
+
+    mae tune base.yaml data.source=s3://b/shards run.storage_path=s3://b/tune \\
+        --space model.overrides.mask_ratio=0.5,0.75,0.9 --space model.overrides.decoder_depth=1,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import os
+import sys
+
+import yaml
+
+from jobs.common import UserError, init_ray, one_line_errors
+from jobs.config import PretrainConfig, load, set_field
+from pipeline.storage import parse_uri, pyarrow_fs, write_bytes
+
+DEFAULT_SPACE = {"model.overrides.mask_ratio": [0.5, 0.75, 0.9], "model.overrides.decoder_depth": [1, 4, 8]}
+OBJECTIVE = "knn_top1"
+
+
+def trial_config(base: dict, params: dict, trial_name: str, tune_dir: str) -> PretrainConfig:
+    cfg = PretrainConfig.from_dict(base)
+    for k, v in params.items():
+        set_field(cfg, k, v)
+    cfg.run.storage_path = str(parse_uri(tune_dir).join("trials"))
+    cfg.run.name = trial_name
+    cfg.train.knn_eval = True
+    return cfg.validate()
+
+
+def trial(config: dict) -> None:
+    """The Tune function trainable: one whole TorchTrainer run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.pretrain import failure_of, fit
+    ctx = ray.tune.get_context()
+    cfg = trial_config(config["base"], config["params"], ctx.get_trial_id(), config["tune_dir"])
+    fit(cfg, verbose=False, callbacks=[TuneReportCallback()])
+    err = failure_of(cfg)
+    if err:  # e.g. a non-finite loss: the trial ends, the search goes on
+        ray.tune.report({"error": err})
+
+
+def parse_space(items: list[str]) -> dict:
+    space = {}
+    for it in items:
+        if "=" not in it:
+            raise UserError(f"--space {it!r}: write section.field=v1,v2,...")
+        k, v = it.split("=", 1)
+        space[k.strip()] = [yaml.safe_load(x) for x in v.split(",")]
+    return space or dict(DEFAULT_SPACE)
+
+
+def trial_cpus(cfg: PretrainConfig) -> float:
+    """What one trial holds: its Train workers plus at least one CPU for its data tasks."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + max(1.0, cfg.data.decode_cpus)
+
+
+def results_table(grid, space: dict) -> list[dict]:
+    rows = []
+    for r in grid:
+        hist = r.metrics_dataframe
+        best = None
+        if hist is not None and OBJECTIVE in hist:
+            h = hist.dropna(subset=[OBJECTIVE])
+            if len(h):
+                best = h.loc[h[OBJECTIVE].idxmax()]
+        params = r.config["params"]
+        rows.append({**{k: params.get(k) for k in space},
+                     "trial": r.metrics.get("trial_id") if r.metrics else None,
+                     OBJECTIVE: None if best is None else float(best[OBJECTIVE]),
+                     "loss": None if best is None else float(best["loss"]),
+                     "images_per_s": None if best is None else float(best["throughput/images_per_s"]),
+                     "images_seen": None if best is None else int(best["images_seen"]),
+                     "stopped_at_images": int(hist["images_seen"].max()) if hist is not None and "images_seen" in hist else None,
+                     "checkpoint": None if best is None else best.get("checkpoint_dir_name") or r.path,
+                     "error": r.metrics.get("error") if r.metrics else str(r.error) if r.error else None})
+    return rows
+
+
+def write_results(rows: list[dict], tune_dir: str, best_cfg: PretrainConfig | None) -> None:
+    u = parse_uri(tune_dir)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes(u.join("results.csv"), buf.getvalue().encode())
+    cols = list(rows[0])
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join("" if r[c] is None else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
+                             for c in cols) + " |" for r in rows]
+    write_bytes(u.join("results.md"), ("\n".join(md) + "\n").encode())
+    if best_cfg is not None:
+        best_cfg.train.knn_eval = False
+        best_cfg.run.storage_path = str(u.join("best-run"))
+        best_cfg.run.name = "mae-best"
+        write_bytes(u.join("best_config.yaml"), best_cfg.to_yaml().encode())
+
+
+def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, search: str = "grid",
+             num_samples: int = 1, grace_images: int | None = None, max_concurrent: int | None = None,
+             restore: bool = True):
+    import ray
+    from ray import tune
+
+    fs, root = pyarrow_fs(storage)
+    if parse_uri(storage).scheme == "file":
+        os.makedirs(root, exist_ok=True)
+    tune_dir = str(parse_uri(storage).join(name))
+    if search == "grid":
+        param_space = {k: tune.grid_search(v) for k, v in space.items()}
+    else:
+        param_space = {k: tune.choice(v) for k, v in space.items()}
+    per_trial = trial_cpus(base)
+    cluster = ray.cluster_resources().get("CPU", 1)
+    mc = max_concurrent or max(1, int(cluster // per_trial))
+    budget = base.train.max_steps * base.train.batch_size * base.scaling.num_workers * base.optim.accum_steps
+    scheduler = tune.schedulers.ASHAScheduler(
+        time_attr="images_seen", metric=OBJECTIVE, mode="max", max_t=max(1, budget),
+        grace_period=grace_images or max(1, budget // 4), reduction_factor=2)
+    trainable = tune.with_resources(trial, {"cpu": 0.01})  # the trial driver: a sliver; 0 is refused
+    path = f"{root.rstrip('/')}/{name}"
+    if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[tune] resuming {tune_dir}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=fs,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"base": base.to_dict(), "tune_dir": tune_dir, "params": param_space},
+            tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=mc),
+            run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs),
+        )
+    print(f"[tune] {tune_dir}: space {space}, {mc} concurrent trials of {per_trial:g} CPUs, "
+          f"budget {budget} images per trial, objective {OBJECTIVE} (max)", flush=True)
+    grid = tuner.fit()
+    rows = results_table(grid, space)
+    best_cfg = None
+    try:
+        best = grid.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
+        best_cfg = trial_config(base.to_dict(), best.config["params"], "best", tune_dir)
+    except Exception:  # noqa: BLE001 - no trial reported the objective
+        pass
+    if rows:
+        write_results(rows, tune_dir, best_cfg)
+    return grid, rows, tune_dir
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mae tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", help="base pretrain YAML (see mae pretrain --help)")
+    ap.add_argument("overrides", nargs="*", help="section.field=value overrides of the base config")
+    ap.add_argument("--space", action="append", default=[],
+                    help="section.field=v1,v2,... (default: mask_ratio 0.5,0.75,0.9 x decoder_depth 1,4,8)")
+    ap.add_argument("--search", choices=["grid", "random"], default="grid")
+    ap.add_argument("--num-samples", type=int, default=1, help="random search: trials; grid: repeats")
+    ap.add_argument("--name", default="mae-tune")
+    ap.add_argument("--grace-images", type=int, default=None, help="ASHA grace period in images seen")
+    ap.add_argument("--max-concurrent", type=int, default=None)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    if a.config and "=" in a.config:
+        a.overrides.insert(0, a.config)
+        a.config = None
+    with one_line_errors("mae tune"):
+        base = load(a.config, a.overrides)
+        if base.train.max_steps <= 0:
+            raise UserError("train.max_steps must be set: every trial gets the same budget of images")
+        space = parse_space(a.space)
+        for k, vals in space.items():
+            for v in vals:
+                set_field(PretrainConfig.from_dict(base.to_dict()), k, v)  # validate every value up front
+        init_ray(base.run.address or None)
+        grid, rows, tune_dir = run_tune(base, space, name=a.name, storage=base.run.storage_path,
+                                        search=a.search, num_samples=a.num_samples,
+                                        grace_images=a.grace_images, max_concurrent=a.max_concurrent)
+    print(f"[tune] results: {tune_dir}/results.md, results.csv; best config: {tune_dir}/best_config.yaml")
+    for r in rows:
+        print("  " + json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""mae tune: a small search of a tiny model on CPU, ASHA on the k-NN objective, driver restore."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+
+BASE = ["model.preset=mae_vit_micro_patch4", "data.rows_per_unit=16", "data.decode_batch_size=8",
+        "train.batch_size=8", "train.max_steps=16", "train.log_every=4", "train.ckpt_every=16",
+        "train.vis_images=0", "train.knn_train_images=64", "train.knn_val_images=32",
+        "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0", "scaling.num_workers=2",
+        "run.max_failures=0"]
+
+
+@pytest.fixture(scope="module")
+def tune_shards(labeled_dir, bucket, ray_cluster):
+    from pipeline.prepare import PrepareConfig, prepare
+    dst = f"s3://{bucket}/tune-shards"
+    prepare(PrepareConfig(src=labeled_dir, dst=dst, shard_size_mb=0.05, val_fraction=0.3), progress=False)
+    return dst
+
+
+def test_search_objective_asha_and_best_config(tune_shards, bucket):
+    from jobs.config import load
+    from jobs.tune import OBJECTIVE, run_tune
+    from pipeline.storage import read_bytes
+    base = load(None, [*BASE, f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
+    # Grid in order: two sane learning rates, then a deliberately absurd one (last, so that ASHA
+    # has the others' results at its first rung when the bad trial gets there).
+    space = {"model.overrides.mask_ratio": [0.75], "optim.lr": [0.005, 0.002, 1000.0]}
+    grid, rows, tune_dir = run_tune(base, space, name="search", storage=f"s3://{bucket}/tune",
+                                    max_concurrent=1, restore=False)
+    print(json.dumps(rows, indent=1))
+    assert len(rows) == 3
+    good = [r for r in rows if r["optim.lr"] != 1000.0]
+    bad = [r for r in rows if r["optim.lr"] == 1000.0][0]
+    for r in good:  # the recorded objective is the probe accuracy, measured at each report
+        assert r[OBJECTIVE] is not None and 0.0 <= r[OBJECTIVE] <= 1.0 and r["images_per_s"] > 0
+        assert r["stopped_at_images"] == 16 * 8 * 2
+    # the absurd trial never got to use its whole budget: ASHA (or the non-finite-loss guard) ended it
+    assert bad["stopped_at_images"] is None or bad["stopped_at_images"] < 16 * 8 * 2
+    best = grid.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
+    assert best.config["params"]["optim.lr"] != 1000.0
+    for f in ("results.csv", "results.md", "best_config.yaml"):
+        assert read_bytes(f"{tune_dir}/{f}")
+    import yaml
+    best_cfg = yaml.safe_load(read_bytes(f"{tune_dir}/best_config.yaml"))
+    assert best_cfg["optim"]["lr"] == best.config["params"]["optim.lr"]
+
+
+def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster):
+    import ray
+    from pipeline.storage import list_files
+    storage = f"s3://{bucket}/tune2"
+    args = [sys.executable, "-m", "jobs.tune", *BASE, f"data.source={tune_shards}", f"run.storage_path={storage}",
+            "--space", "model.overrides.mask_ratio=0.5,0.75,0.9", "--name", "resumable", "--max-concurrent", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def finished_trials():
+        try:
+            return sorted({path.split("/trials/")[1].split("/")[0] for path, _ in list_files(f"{storage}/resumable/trials")
+                           if path.endswith("/COMPLETE")})
+        except Exception:  # noqa: BLE001 - nothing written yet
+            return []
+
+    deadline = time.time() + 400
+    while time.time() < deadline and len(finished_trials()) < 1:
+        time.sleep(2)
+    first = finished_trials()
+    assert len(first) >= 1, p.stdout.read().decode()[-3000:] if p.poll() is not None else "no trial finished"
+    os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
+    p.wait()
+    time.sleep(3)
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "resuming" in out
+    done = finished_trials()
+    assert len(done) == 3 and set(first) <= set(done)
+    # a finished trial was not rerun: its run has exactly one final checkpoint and one history
+    from jobs.checkpoint import list_checkpoints
+    from pipeline.storage import read_bytes
+    for t in first:
+        steps = [json.loads(x)["step"] for x in read_bytes(f"{storage}/resumable/trials/{t}/metrics.jsonl").decode().splitlines()]
+        assert steps == [4, 8, 12, 16]
+        assert [c["step"] for c in list_checkpoints(f"{storage}/resumable/trials/{t}") if c["complete"]] == [16]
