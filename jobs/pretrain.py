@@ -37,13 +37,19 @@ def _labeled_images(cfg: PretrainConfig, split: str, n: int) -> tuple[list[bytes
     if info.kind == "parquet":
         import pyarrow.parquet as pq
         fs, _ = pyarrow_fs(info.uri)
-        imgs, labels = [], []
-        per = max(1, -(-n // max(1, len(info.files))))
+        # Evenly spaced over the whole split (shards are sorted by key, i.e. by class): read the
+        # label column everywhere, the image column only of files that hold a chosen row.
+        rows = []
         for f in info.files:
-            t = pq.read_table(f, filesystem=fs, columns=["image", "label"])
-            imgs += t["image"].to_pylist()[:per]
-            labels += t["label"].to_pylist()[:per]
-        pairs = [(i, lab) for i, lab in zip(imgs, labels) if lab is not None][:n]
+            labs = pq.read_table(f, filesystem=fs, columns=["label"])["label"].to_pylist()
+            rows += [(f, i, lab) for i, lab in enumerate(labs) if lab is not None]
+        chosen = [rows[int(j)] for j in np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int))] \
+            if rows else []
+        pairs = []
+        for f in dict.fromkeys(c[0] for c in chosen):
+            idx = [c[1] for c in chosen if c[0] == f]
+            images = pq.read_table(f, filesystem=fs, columns=["image"])["image"].take(idx).to_pylist()
+            pairs += list(zip(images, [c[2] for c in chosen if c[0] == f]))
     else:
         from pipeline.sources import label_of, relative_key
         fs, _ = fsspec_fs(info.uri)

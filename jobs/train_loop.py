@@ -249,7 +249,10 @@ def train_loop_per_worker(config: dict) -> None:
                     write_bytes(parse_uri(run_dir).join("FAILED.json"),
                                 json.dumps({"error": msg, "step": step}).encode())
                     print(f"[mae] {msg}", flush=True)
-                ray.train.report({"error": msg, "step": step})
+                # The objective is reported as worthless (0), so that a Tune scheduler counts the
+                # diverged trial instead of rejecting a result without its metric.
+                ray.train.report({"error": msg, "step": step, "loss": float("nan"), "knn_top1": 0.0,
+                                  "images_seen": step * plan["global_batch"]})
                 return
             imgs = win["steps"] * plan["global_batch"]
             ips = imgs / max(elapsed, 1e-9)

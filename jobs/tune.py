@@ -49,13 +49,12 @@ def trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.pretrain import failure_of, fit
+    from jobs.pretrain import fit
     ctx = ray.tune.get_context()
     cfg = trial_config(config["base"], config["params"], ctx.get_trial_id(), config["tune_dir"])
+    # A non-finite loss ends the run with an "error" report (objective 0) that reaches Tune
+    # through the callback; the search goes on.
     fit(cfg, verbose=False, callbacks=[TuneReportCallback()])
-    err = failure_of(cfg)
-    if err:  # e.g. a non-finite loss: the trial ends, the search goes on
-        ray.tune.report({"error": err})
 
 
 def parse_space(items: list[str]) -> dict:
@@ -73,6 +72,18 @@ def trial_cpus(cfg: PretrainConfig) -> float:
     return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + max(1.0, cfg.data.decode_cpus)
 
 
+def _num(row, key, cast=float):
+    """A finite number from a history row, else None."""
+    if row is None:
+        return None
+    v = row.get(key)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return cast(v) if v == v and abs(v) != float("inf") else None
+
+
 def results_table(grid, space: dict) -> list[dict]:
     rows = []
     for r in grid:
@@ -85,10 +96,10 @@ def results_table(grid, space: dict) -> list[dict]:
         params = r.config["params"]
         rows.append({**{k: params.get(k) for k in space},
                      "trial": r.metrics.get("trial_id") if r.metrics else None,
-                     OBJECTIVE: None if best is None else float(best[OBJECTIVE]),
-                     "loss": None if best is None else float(best["loss"]),
-                     "images_per_s": None if best is None else float(best["throughput/images_per_s"]),
-                     "images_seen": None if best is None else int(best["images_seen"]),
+                     OBJECTIVE: _num(best, OBJECTIVE),
+                     "loss": _num(best, "loss"),
+                     "images_per_s": _num(best, "throughput/images_per_s"),
+                     "images_seen": _num(best, "images_seen", int),
                      "stopped_at_images": int(hist["images_seen"].max()) if hist is not None and "images_seen" in hist else None,
                      "checkpoint": None if best is None else best.get("checkpoint_dir_name") or r.path,
                      "error": r.metrics.get("error") if r.metrics else str(r.error) if r.error else None})

@@ -29,7 +29,10 @@ def pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     else:
         cy, cx = rng.uniform(0.3, 0.7, size=2)
         v = np.sin(2 * np.pi * freq * np.hypot(yy - cy, xx - cx) * 1.5 + phase)
-    c1, c2 = rng.uniform(0, 255, size=3), rng.uniform(0, 255, size=3)
+    # Light and dark tones with a small random tint: colour carries (almost) no class
+    # information, so a probe must read the structure, which is what MAE learns to model.
+    c1 = rng.uniform(170, 230) + rng.normal(0, 12, size=3)
+    c2 = rng.uniform(30, 90) + rng.normal(0, 12, size=3)
     t = (v[..., None] + 1) / 2
     img = c1 * t + c2 * (1 - t) + rng.normal(0, 8, size=(size, size, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
