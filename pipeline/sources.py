@@ -16,7 +16,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 
-from .storage import StorageError, URI, list_files, parse_uri, read_bytes, storage_errors, to_uri_string
+from .storage import StorageError, URI, list_files, parse_uri, read_bytes, storage_errors
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 MANIFEST = "manifest.json"
@@ -101,6 +101,3 @@ def resolve(uri: str, split: str = "train", val_fraction: float = 0.0, seed: int
         images = [p for p in images if split_of(relative_key(u, p), seed, val_fraction) == split]
     return SourceInfo(str(uri), "images", images, classes, len(images))
 
-
-def full_uri(info: SourceInfo, path: str) -> str:
-    return to_uri_string(parse_uri(info.uri).scheme, path)

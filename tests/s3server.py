@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 ACCESS_KEY = "maetestaccesskey"
 SECRET_KEY = "maetestsecretkey0123456789"

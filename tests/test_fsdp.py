@@ -1,6 +1,5 @@
 """FSDP2 over gloo with 2 CPU processes against the unsharded model in one process."""
 
-import os
 import socket
 
 import pytest

@@ -1,6 +1,5 @@
 """prepare -> shards on the S3 server -> streamed back through Ray Data to 2 consumers."""
 
-import json
 import os
 import subprocess
 import sys

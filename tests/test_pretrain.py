@@ -38,7 +38,6 @@ def metrics_of(cfg):
 
 
 def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(shards, bucket):
-    import ray
     cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8")
     result, plan = fit(cfg)
     assert result.error is None
