@@ -43,7 +43,9 @@ def test_search_objective_asha_and_best_config(tune_shards, bucket):
     bad = [r for r in rows if r["optim.lr"] == 1000.0][0]
     for r in good:  # the recorded objective is the probe accuracy, measured at each report
         assert r[OBJECTIVE] is not None and 0.0 <= r[OBJECTIVE] <= 1.0 and r["images_per_s"] > 0
-        assert r["stopped_at_images"] == 16 * 8 * 2
+    # the first trial to reach each ASHA rung is never cut: it used the whole budget (a later sane
+    # trial may legitimately be cut at a rung if its k-NN is below the first one's)
+    assert good[0]["stopped_at_images"] == 16 * 8 * 2
     # the absurd trial never got to use its whole budget: ASHA (or the non-finite-loss guard) ended it
     assert bad["stopped_at_images"] is None or bad["stopped_at_images"] < 16 * 8 * 2
     best = grid.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
