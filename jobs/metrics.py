@@ -93,9 +93,8 @@ class MetricsLogger:
         u = parse_uri(self.run_dir).join("metrics.jsonl")
         fs, p = fsspec_fs(u)
         with storage_errors(u):
-            if fs.exists(p) and u.scheme != "file":
-                fs.get(p, self.jsonl)
-            elif fs.exists(p) and os.path.abspath(p) != os.path.abspath(self.jsonl):
+            # An object-store key never equals the local scratch path; a local run dir might.
+            if fs.exists(p) and (u.scheme != "file" or os.path.abspath(p) != os.path.abspath(self.jsonl)):
                 fs.get(p, self.jsonl)
 
     def log(self, step: int, metrics: dict, line: str | None = None) -> None:
