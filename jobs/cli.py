@@ -10,6 +10,9 @@ COMMANDS = {
     "pretrain": ("jobs.pretrain", "distributed MAE pretraining (Ray Train + FSDP2)"),
     "evaluate": ("jobs.evaluate", "frozen-encoder k-NN and linear probe of a checkpoint"),
     "tune": ("jobs.tune", "search mask ratio / decoder depth; each trial a distributed run"),
+    "submit": ("jobs.submit", "submit any of the above as a Ray job to a cluster; --follow streams its logs"),
+    "jobs": ("jobs.jobctl", "list / status / logs / stop the cluster's jobs"),
+    "ckpt": ("jobs.ckpt", "list / pull / export checkpoints from object storage"),
     "demo": ("jobs.demo", "end-to-end demo on synthetic images, on a local Ray cluster"),
 }
 

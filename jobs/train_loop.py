@@ -67,23 +67,15 @@ def build_model(cfg: PretrainConfig, device: torch.device, mesh, precision: str,
 
 
 def _init_from(model, uri: str, rank: int) -> None:
-    """Start from weights: an official MAE .pth (full or encoder-only) or one of our checkpoints."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    """Start from weights (``model.init_from``): an official MAE .pth, an export, or one of our
+    checkpoints; every rank loads the full CPU copy and keeps its own shard of it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from mae_model import load_official_state_dict
-    u = parse_uri(uri)
-    if u.path.endswith((".pth", ".pt")):
-        full = MaskedAutoencoder(model.config)  # CPU copy, loaded then broadcast into the shards
-        local = ckpt.download(str(u)) if u.scheme != "file" else u.path
-        info = load_official_state_dict(full, local, verbose=(rank == 0))
-        sd = {k: v for k, v in full.state_dict().items() if k not in info["missing"]}
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    import torch.distributed.checkpoint as dcp
-    local = ckpt.download(uri)
-    sd = get_model_state_dict(model)
-    dcp.load({"model": sd}, checkpoint_id=local)
-    set_model_state_dict(model, sd)
+    from jobs.ckpt import init_state_dict
+    sd = init_state_dict(uri, model.config, verbose=(rank == 0))
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    if rank == 0:
+        print(f"[mae] init_from {uri}: loaded {len(sd)} tensors", flush=True)
 
 
 def train_loop_per_worker(config: dict) -> None:

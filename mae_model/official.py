@@ -32,18 +32,33 @@ def linear_to_conv(w: torch.Tensor, patch_size: int, in_chans: int = 3) -> torch
     return w.reshape(w.shape[0], patch_size, patch_size, in_chans).permute(0, 3, 1, 2).contiguous()
 
 
-def to_official_state_dict(model: MaskedAutoencoder) -> dict[str, torch.Tensor]:
+def is_encoder_key(k: str) -> bool:
+    return not (k.startswith("decoder") or k == "mask_token")
+
+
+def to_official_state_dict(model: MaskedAutoencoder, *, encoder_only: bool = False,
+                           copy: bool = True) -> dict[str, torch.Tensor]:
     """Our model -> a state dict in the official layout (load with ``model.load_state_dict``
-    of ``models_mae.MaskedAutoencoderViT``)."""
+    of ``models_mae.MaskedAutoencoderViT``).
+
+    ``encoder_only=True`` gives the layout of the released ``mae_pretrain_vit_*.pth`` files, which
+    is also timm's ``VisionTransformer`` layout (``cls_token``, ``pos_embed`` [1, 1+L, D] with a
+    zero row for the cls position, conv ``patch_embed.proj.weight``, ``blocks.N.*``, ``norm.*``):
+    it loads into ``timm.create_model("vit_base_patch16_224", num_classes=0)`` with strict keys.
+    ``copy=False`` shares storage with the model where the layout allows (exports of big models).
+    """
     c = model.config
     out: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
+        if encoder_only and not is_encoder_key(k):
+            continue
         v = v.detach().cpu()
         if k == "patch_embed.proj.weight":
             v = linear_to_conv(v, c.patch_size, c.in_chans)
-        out[k] = v.clone()
+        out[k] = v.clone() if copy else v
     out["pos_embed"] = model.pos_embed.detach().cpu().clone()
-    out["decoder_pos_embed"] = model.decoder_pos_embed.detach().cpu().clone()
+    if not encoder_only:
+        out["decoder_pos_embed"] = model.decoder_pos_embed.detach().cpu().clone()
     return out
 
 
@@ -52,7 +67,11 @@ def _read(state_dict_or_path) -> Mapping[str, torch.Tensor]:
         path = os.fspath(state_dict_or_path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"official checkpoint {path!r} does not exist: check the path")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     else:
         sd = state_dict_or_path
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
@@ -63,6 +82,9 @@ def _read(state_dict_or_path) -> Mapping[str, torch.Tensor]:
 def load_official_state_dict(model: MaskedAutoencoder, state_dict_or_path, *, verbose: bool = True
                              ) -> dict[str, list[str]]:
     """Load an official MAE checkpoint (full or encoder-only) into ``model``.
+
+    Also accepts this project's exports (``mae ckpt export``: full/encoder in our layout,
+    official, timm), as a state dict or a ``.pth`` / ``.safetensors`` path.
 
     Returns ``{"missing": [...], "unexpected": [...]}``. An encoder-only checkpoint leaves the
     decoder (and mask token) as initialized, and says so. Any shape mismatch raises
@@ -93,7 +115,7 @@ def load_official_state_dict(model: MaskedAutoencoder, state_dict_or_path, *, ve
         raise OfficialLayoutError(f"checkpoint has keys the model lacks, e.g. {unexpected[:5]}: "
                                   "is this an MAE checkpoint of a matching preset?")
     missing = sorted(k for k in own if k not in sd)
-    encoder_missing = [k for k in missing if not (k.startswith("decoder") or k == "mask_token")]
+    encoder_missing = [k for k in missing if is_encoder_key(k)]
     if encoder_missing:
         raise OfficialLayoutError(f"checkpoint lacks encoder weights, e.g. {encoder_missing[:5]}")
     with torch.no_grad():

@@ -1,0 +1,199 @@
+"""`mae ckpt list | pull | export` and `model.init_from`, on checkpoints written by the real
+writer (DCP + manifest + marker) to the tests' S3 server. No Ray here: the end-to-end path through
+a real Ray head and a submitted job is in test_submit.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jobs import checkpoint as ckpt
+from jobs.ckpt import export, init_state_dict, main, pull, select
+from mae_model import MaskedAutoencoder, load_official_state_dict, mae_vit_micro_patch4
+from pipeline.storage import fsspec_fs, parse_uri, write_bytes
+
+pytestmark = [pytest.mark.s3]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_checkpoint(model, opt, run_uri: str, step: int, loss: float, tmp) -> str:
+    """The save path of a training run, minus Ray: DCP shard + state locally, upload, finalize."""
+    import time
+
+    import yaml
+    local = tmp / f"w{step}"
+    local.mkdir()
+    cfg = yaml.safe_dump({"model": {"preset": "mae_vit_micro_patch4", "overrides": {}},
+                          "train": {"best_metric": "loss"}})
+    ckpt.write_local(model, opt, str(local), rank=0, config_yaml=cfg,
+                     train_state={"step": step, "metrics": {"loss": loss}, "time": time.time()})
+    uri = str(parse_uri(run_uri).join(ckpt.ckpt_name(step)))
+    fs, p = fsspec_fs(uri)
+    fs.put(str(local) + "/", p, recursive=True)
+    ckpt.finalize(uri, 1)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def run(bucket, tmp_path_factory):
+    """A run on S3 with complete checkpoints at steps 2 (loss 0.9) and 4 (loss 0.5, the best and
+    the latest) and a half-written one at step 6 (no marker)."""
+    tmp = tmp_path_factory.mktemp("ckpt-run")
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(mae_vit_micro_patch4())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run_uri = f"s3://{bucket}/ckpt-tests/run"
+    x = torch.randint(0, 256, (4, 64, 48), dtype=torch.uint8)
+    states = {}
+    for step, loss in ((2, 0.9), (4, 0.5)):
+        model(x)[0].backward()
+        opt.step()
+        opt.zero_grad()
+        write_checkpoint(model, opt, run_uri, step, loss, tmp)
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    write_bytes(f"{run_uri}/{ckpt.ckpt_name(6)}/__0_0.distcp", b"half")  # a save that died
+    return {"uri": run_uri, "states": states, "model": model}
+
+
+def test_list_shows_state_step_size_metrics(run, capsys):
+    assert main(["list", run["uri"]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["checkpoint", "step", "state"]
+    rows = {line.split()[0]: line.split() for line in out[1:]}
+    assert rows["checkpoint_00000002"][2] == "complete" and rows["checkpoint_00000004"][2] == "complete"
+    assert rows["checkpoint_00000006"][2] == "incomplete"
+    assert "MiB" in out[2] and "0.5" in rows["checkpoint_00000004"]
+
+
+def test_select_latest_best_step_and_refusals(run):
+    assert select(run["uri"])["step"] == 4
+    assert select(run["uri"], best=True)["step"] == 4
+    assert select(run["uri"], best=True, mode="max")["step"] == 2
+    assert select(run["uri"], step=2)["step"] == 2
+    with pytest.raises(Exception, match="incomplete"):
+        select(run["uri"], step=6)
+    with pytest.raises(Exception, match="no checkpoint at step 3"):
+        select(run["uri"], step=3)
+
+
+def test_pull_verifies_resumes_and_catches_tampering(run, tmp_path, capsys):
+    dest = tmp_path / "pulled"
+    out = pull(select(run["uri"])["uri"], str(dest), progress=False)
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert set(man["files"]) <= set(os.listdir(out)) and os.path.exists(os.path.join(out, ckpt.MARKER))
+    for rel, w in man["files"].items():
+        assert ckpt.sha256_file(os.path.join(out, rel)) == w["sha256"]
+
+    # interrupted pull: one file gone, one truncated, marker gone -> the rerun fetches just those
+    os.remove(os.path.join(out, "__0_0.distcp"))
+    with open(os.path.join(out, "train_state.json"), "w") as f:
+        f.write("{")
+    os.remove(os.path.join(out, ckpt.MARKER))
+    pull(select(run["uri"])["uri"], str(dest), progress=False)
+    assert "kept" in capsys.readouterr().err
+    assert ckpt.sha256_file(os.path.join(out, "__0_0.distcp")) == man["files"]["__0_0.distcp"]["sha256"]
+
+    # a shard altered on the store after the save: caught, not kept, one-line error, exit 2
+    step2 = select(run["uri"], step=2)["uri"]
+    fs, p = fsspec_fs(step2)
+    good = fs.cat_file(f"{p}/__0_0.distcp")
+    fs.pipe_file(f"{p}/__0_0.distcp", good[:-10] + b"0123456789")
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["pull", run["uri"], "--step", "2", "--quiet", str(tmp_path / "t")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "__0_0.distcp" in err and "sha256" in err
+        assert not os.path.exists(tmp_path / "t" / "checkpoint_00000002" / "__0_0.distcp")
+        assert not os.path.exists(tmp_path / "t" / "checkpoint_00000002" / ckpt.MARKER)
+        fs.rm(f"{p}/__0_0.distcp")  # and a shard missing altogether
+        with pytest.raises(SystemExit):
+            main(["pull", step2, "--quiet", str(tmp_path / "t")])
+        assert "missing from storage" in capsys.readouterr().err
+    finally:
+        fs.pipe_file(f"{p}/__0_0.distcp", good)
+    with pytest.raises(SystemExit):  # the half-written checkpoint is refused by name
+        main(["pull", f"{run['uri']}/{ckpt.ckpt_name(6)}", str(tmp_path / "u")])
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_export_formats_match_the_trained_weights(run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    ref = run["states"][4]
+    local = pull(select(run["uri"])["uri"], str(tmp_path), progress=False)
+
+    full = load_file(export(local, "full", str(tmp_path / "full")))
+    assert full.keys() == ref.keys() and all(torch.equal(full[k], ref[k]) for k in ref)
+    with safe_open(str(tmp_path / "full.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["mae_config"])["embed_dim"] == 64
+
+    enc = load_file(export(local, "encoder", str(tmp_path / "enc.safetensors"), dtype="bf16"))
+    assert not any(k.startswith("decoder") or k == "mask_token" for k in enc)
+    assert all(v.dtype == torch.bfloat16 for v in enc.values())
+
+    # the official layout: conv patch embedding, pos tables, {"model": ...} in a .pth
+    path = export(local, "official", str(tmp_path / "official"))
+    assert path.endswith(".pth")
+    off = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    assert off["patch_embed.proj.weight"].shape == (64, 3, 4, 4)
+    assert {"pos_embed", "decoder_pos_embed", "mask_token"} <= off.keys()
+    back = MaskedAutoencoder(mae_vit_micro_patch4())
+    load_official_state_dict(back, path, verbose=False)
+    assert all(torch.equal(back.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_timm_export_loads_strict_into_timm_vit_and_gives_the_same_features(run, tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import load_file
+    local = pull(select(run["uri"])["uri"], str(tmp_path), progress=False)
+    sd = load_file(export(local, "timm", str(tmp_path / "vit")))
+    c = mae_vit_micro_patch4()
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
+        num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, num_classes=0)
+    vit.load_state_dict(sd, strict=True)  # strict: every key, no extras
+    vit.eval()
+    ours = MaskedAutoencoder(c)
+    ours.load_state_dict(run["states"][4])
+    ours.eval()
+    img = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    from pipeline.patchify import patchify
+    with torch.no_grad():
+        f_ours = ours.forward_features(torch.from_numpy(patchify(img.numpy(), c.patch_size)))["cls"]
+        x = (img.float() / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+        f_timm = vit.forward_features(x.permute(0, 3, 1, 2))[:, 0]
+    torch.testing.assert_close(f_ours, f_timm, rtol=1e-4, atol=1e-4)
+
+
+def test_export_needs_no_ray(run, tmp_path):
+    local = pull(select(run["uri"])["uri"], str(tmp_path), progress=False)
+    code = ("import sys; from jobs.ckpt import main; "
+            f"main(['export', {local!r}, {str(tmp_path / 'o')!r}, '--format', 'official']); "
+            "assert 'ray' not in sys.modules, 'export imported ray'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.exists(tmp_path / "o.pth")
+
+
+def test_init_from_every_source_gives_the_trained_weights(run, tmp_path):
+    ref = run["states"][4]
+    c = mae_vit_micro_patch4()
+    local = pull(select(run["uri"])["uri"], str(tmp_path), progress=False)
+    official = export(local, "official", str(tmp_path / "off"))
+    timm_file = export(local, "timm", str(tmp_path / "t"))
+    s3_file = f"{run['uri']}-exports/off.pth"
+    fs, p = fsspec_fs(s3_file)
+    fs.put_file(official, p)
+    for src in (run["uri"], local, official, s3_file):
+        sd = init_state_dict(src, c, verbose=False)
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref), src
+    enc = init_state_dict(timm_file, c, verbose=False)  # encoder only: the decoder is left out
+    assert not any(k.startswith("decoder") for k in enc) and torch.equal(enc["blocks.0.attn.qkv.weight"],
+                                                                         ref["blocks.0.attn.qkv.weight"])
+    with pytest.raises(Exception, match="does not match this model config"):
+        init_state_dict(local, mae_vit_micro_patch4(embed_dim=32, num_heads=2), verbose=False)
