@@ -35,7 +35,15 @@ import warnings
 
 from jobs import checkpoint as ckpt
 from jobs.common import UserError, one_line_errors
-from pipeline.storage import URI, StorageError, explain, fsspec_fs, parse_uri, read_bytes, storage_errors
+from pipeline.storage import (
+    URI,
+    StorageError,
+    explain,
+    fsspec_fs,
+    parse_uri,
+    read_bytes,
+    storage_errors,
+)
 
 FORMATS = ("full", "encoder", "official", "timm")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

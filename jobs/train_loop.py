@@ -22,7 +22,13 @@ import torch.distributed as dist
 
 from jobs import checkpoint as ckpt
 from jobs.config import PretrainConfig
-from jobs.metrics import MetricsLogger, fmt_eta, local_state_mb, peak_flops, peak_memory_mb
+from jobs.metrics import (
+    MetricsLogger,
+    fmt_eta,
+    local_state_mb,
+    peak_flops,
+    peak_memory_mb,
+)
 from jobs.optim import build_optimizer, lr_at
 from jobs.probe import features, knn_top1
 from jobs.visualize import reconstruction_grid, save_png
@@ -69,7 +75,10 @@ def build_model(cfg: PretrainConfig, device: torch.device, mesh, precision: str,
 def _init_from(model, uri: str, rank: int) -> None:
     """Start from weights (``model.init_from``): an official MAE .pth, an export, or one of our
     checkpoints; every rank loads the full CPU copy and keeps its own shard of it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
 
     from jobs.ckpt import init_state_dict
     sd = init_state_dict(uri, model.config, verbose=(rank == 0))

@@ -23,6 +23,12 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.25
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start a Ray head with `ray start` run first: they finish with `ray stop`, which
+    stops every Ray process on the machine, so the shared cluster below must not be up yet."""
+    items.sort(key=lambda it: 0 if it.get_closest_marker("cluster_head") else 1)
+
+
 @pytest.fixture(scope="session")
 def s3():
     from s3server import S3Server

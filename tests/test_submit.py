@@ -1,0 +1,128 @@
+"""`mae submit` / `mae jobs` against a real Ray head (`ray start --head`, token auth on), the jobs
+writing to the tests' S3 server; then `mae ckpt list | pull | export` on what the job wrote.
+
+These tests run first in the session (see conftest): they end with `ray stop`, which stops every
+Ray process of the machine, so the shared in-process cluster must not be up yet.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.storage import fsspec_fs
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow, pytest.mark.cluster_head]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def head(s3):
+    from rayhead import RayHead
+    h = RayHead(extra_env=s3.env())
+    yield h
+    h.stop()
+
+
+def mae(*args, token=None, home=None, timeout=600):
+    """Run the `mae` CLI as a user would; -> CompletedProcess (stdout, stderr, returncode)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = home or env.get("HOME", "/tmp")
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_refused_without_the_token_with_a_clear_line(head, tmp_path):
+    r = mae("jobs", "--address", head.address, "list", home=str(tmp_path))  # no token anywhere
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "RAY_AUTH_TOKEN" in err[0] and "Traceback" not in r.stderr
+    r = mae("jobs", "--address", head.address, "list", token="0" * 64)
+    assert r.returncode == 2 and "refused" in r.stderr and "0" * 64 not in r.stderr
+
+
+def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, labeled_dir, tmp_path):
+    shards = f"s3://{bucket}/submit/shards"
+    r = mae("submit", "--address", head.address, "--follow", "--", "prepare", labeled_dir, shards,
+            "--shard-size-mb", "0.05", token=head.token)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "prepared 96 images" in r.stdout
+
+    # an official-layout .pth on S3 to start from: exercises init_from's single-file download
+    import torch
+
+    from mae_model import (
+        MaskedAutoencoder,
+        mae_vit_micro_patch4,
+        to_official_state_dict,
+    )
+    torch.manual_seed(1)
+    init = tmp_path / "init.pth"
+    torch.save({"model": to_official_state_dict(MaskedAutoencoder(mae_vit_micro_patch4()))}, init)
+    fs, _ = fsspec_fs(shards)
+    fs.put_file(str(init), f"{bucket}/submit/init.pth")
+
+    runs = f"s3://{bucket}/submit/runs"
+    r = mae("submit", "--address", head.address, "--follow", "--", "pretrain",
+            "model.preset=mae_vit_micro_patch4", f"model.init_from=s3://{bucket}/submit/init.pth",
+            f"data.source={shards}", "data.decode_batch_size=8", "data.rows_per_unit=16",
+            "data.shuffle_buffer=32", "train.batch_size=8", "train.max_steps=8", "train.ckpt_every=4",
+            "train.log_every=2", "optim.warmup_steps=2", "scaling.num_workers=2",
+            f"run.storage_path={runs}", "run.name=submitted", token=head.token)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    sid = r.stdout.splitlines()[0].strip()
+    assert sid.startswith("mae-pretrain-")
+    assert "init_from s3://" in out and "loaded" in out  # the run started from the .pth
+    assert "SUCCEEDED" in r.stderr
+
+    # the job list, status and logs
+    r = mae("jobs", "--address", head.address, "list", token=head.token)
+    assert r.returncode == 0
+    rows = [line.split() for line in r.stdout.splitlines()[1:]]
+    assert [row[1] for row in rows].count("SUCCEEDED") == 2 and sid in {row[0] for row in rows}
+    r = mae("jobs", "--address", head.address, "status", sid, token=head.token)
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout
+    r = mae("jobs", "--address", head.address, "logs", sid, token=head.token)
+    assert r.returncode == 0 and "[mae] checkpoint" in r.stdout
+
+    # credentials stayed out of the job's environment; the endpoint went in
+    from jobs.submit import client
+    os.environ["RAY_AUTH_TOKEN"] = head.token
+    try:
+        info = client(head.address).get_job_info(sid)
+    finally:
+        os.environ.pop("RAY_AUTH_TOKEN")
+    env_vars = info.runtime_env.get("env_vars", {})
+    assert "AWS_ENDPOINT_URL" in env_vars
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(env_vars)
+    assert s3.env()["AWS_SECRET_ACCESS_KEY"] not in json.dumps(info.runtime_env)
+
+    # checkpoints out of object storage
+    run = f"{runs}/submitted"
+    r = mae("ckpt", "list", run)
+    assert r.returncode == 0, r.stderr
+    states = {line.split()[0]: line.split()[2] for line in r.stdout.splitlines()[1:]}
+    assert states == {"checkpoint_00000004": "complete", "checkpoint_00000008": "complete"}
+    r = mae("ckpt", "pull", run, "--latest", "--quiet", str(tmp_path / "pulled"))
+    assert r.returncode == 0, r.stderr
+    local = r.stdout.strip()
+    assert local.endswith("checkpoint_00000008") and os.path.exists(os.path.join(local, "COMPLETE"))
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(local))  # both ranks' shards
+    r = mae("ckpt", "export", local, str(tmp_path / "enc"), "--format", "timm")
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+    sd = load_file(r.stdout.strip())
+    assert sd["patch_embed.proj.weight"].shape == (64, 3, 4, 4) and sd["pos_embed"].shape == (1, 65, 64)
+
+    # a shard missing on the store is caught on pull, in one line, naming the file
+    p = f"{bucket}/submit/runs/submitted/checkpoint_00000004/__1_0.distcp"
+    fs.rm(p)
+    r = mae("ckpt", "pull", run, "--step", "4", "--quiet", str(tmp_path / "p2"))
+    assert r.returncode == 2 and "__1_0.distcp" in r.stderr and "missing" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
