@@ -21,6 +21,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kw):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise UserError(f"Ray address {address} is a job server (dashboard) address: send the job there with "
+                        "`mae submit -- COMMAND ...`, or give a cluster address (host:6379, ray://host:10001)")
     if address:
         ray.init(address=address, log_to_driver=True, **kw)
     else:
