@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/model_step.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/export_memory.py
 
 clean:
 	rm -rf runs .pytest_cache
