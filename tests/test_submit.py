@@ -126,3 +126,29 @@ def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, lab
     r = mae("ckpt", "pull", run, "--step", "4", "--quiet", str(tmp_path / "p2"))
     assert r.returncode == 2 and "__1_0.distcp" in r.stderr and "missing" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_failed_and_stopped_jobs_exit_with_their_status(head, bucket, labeled_dir):
+    # a bad config: the job fails with the one-line error in its logs; --follow exits 1
+    r = mae("submit", "--address", head.address, "--follow", "--", "pretrain",
+            "model.preset=no_such_preset", token=head.token)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "mae pretrain: error:" in r.stdout and "no_such_preset" in r.stdout and "FAILED" in r.stderr
+
+    # a job stopped while it runs: `mae jobs logs --follow` exits 3 (stopped)
+    r = mae("submit", "--address", head.address, "--", "pretrain", "model.preset=mae_vit_micro_patch4",
+            f"data.source={labeled_dir}", "train.batch_size=8", "train.max_steps=100000",
+            "scaling.num_workers=1", f"run.storage_path=s3://{bucket}/submit/runs", "run.name=stopped",
+            token=head.token)
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.strip()
+    import time
+    for _ in range(120):
+        st = mae("jobs", "--address", head.address, "status", sid, token=head.token).stdout
+        if "RUNNING" in st:
+            break
+        time.sleep(1)
+    r = mae("jobs", "--address", head.address, "stop", sid, token=head.token)
+    assert r.returncode == 0 and "stop requested" in r.stdout
+    r = mae("jobs", "--address", head.address, "logs", sid, "--follow", token=head.token)
+    assert r.returncode == 3 and "STOPPED" in r.stderr
