@@ -136,6 +136,9 @@ class PretrainConfig:
             raise ConfigError(f"train.precision={t.precision!r}: auto, bf16 or fp32")
         if t.precision == "bf16" and not s.use_gpu:
             raise ConfigError("train.precision=bf16 needs scaling.use_gpu=true (CPU training runs fp32)")
+        if len(d.crop_scale) != 2:
+            raise ConfigError(f"data.crop_scale={d.crop_scale!r}: two numbers [lo, hi], e.g. [0.2, 1.0]")
+        d.transform()  # validates crop_scale and hflip
         # The pipeline must cut patches of the model's size.
         d.img_size, d.patch_size = m.img_size, m.patch_size
         return self

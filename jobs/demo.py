@@ -62,6 +62,8 @@ def main(argv=None) -> int:
           f"  metrics:        {rd}/metrics.jsonl, TensorBoard: tensorboard --logdir {rd}/tb\n"
           f"  reconstruction: {rd}/reconstruction_latest.png\n"
           f"  config:         {rd}/config.yaml\n"
+          f"Next: mae evaluate {rd} {shards}          (k-NN + linear probe of the encoder)\n"
+          f"      mae ckpt list {rd}; mae ckpt export {rd} runs/demo/encoder.safetensors --format timm\n"
           f"Run it again to resume (it will find the finished run); --fresh starts over.")
     return 0 if not result.error else 1
 

@@ -165,12 +165,12 @@ def train_loop_per_worker(config: dict) -> None:
         dist.barrier()  # every rank's upload has finished
         if rank == 0:
             uri = str(parse_uri(run_dir).join(name))
+            logger.sync()  # before the marker: a complete checkpoint implies its metrics are stored
             man = ckpt.finalize(uri, world)
             removed = ckpt.update_index_and_prune(
                 run_dir, {"name": name, "step": step, "uri": uri, "complete": True, "metrics": metrics,
                           "bytes": man["total_bytes"], "time": time.time()},
                 cfg.train.keep_last, cfg.train.best_metric)
-            logger.sync()
             print(f"[mae] checkpoint {uri} ({man['total_bytes'] / 2**20:.1f} MiB, "
                   f"{time.perf_counter() - t0:.1f}s){' removed ' + ', '.join(removed) if removed else ''}",
                   flush=True)

@@ -14,7 +14,7 @@ import functools
 import json
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator
 
 import numpy as np
@@ -33,6 +33,8 @@ class DataConfig:
     img_size: int = 224
     patch_size: int = 16
     augment: bool = True             # RandomResizedCrop + flip (train); else resize + center crop
+    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range (MAE: 0.2-1.0)
+    hflip: float = 0.5               # probability of a horizontal flip (0 where left/right matters)
     seed: int = 0
     shuffle: bool = True             # file order reshuffled each epoch + a local shuffle buffer
     shuffle_buffer: int = 1024       # rows in the trainer-side local shuffle buffer
@@ -59,8 +61,13 @@ class DataConfig:
         return asdict(self)
 
     def transform(self) -> TransformConfig:
+        lo, hi = (float(x) for x in self.crop_scale)
+        if not (0 < lo <= hi <= 1) or not (0 <= self.hflip <= 1):
+            raise ValueError(f"data.crop_scale={list(self.crop_scale)} / data.hflip={self.hflip}: "
+                             "crop_scale is [lo, hi] with 0 < lo <= hi <= 1, hflip a probability in [0, 1]")
         return TransformConfig(img_size=self.img_size, patch_size=self.patch_size, train=self.augment,
-                               reduced_decode=self.reduced_decode, max_pixels=self.max_pixels)
+                               reduced_decode=self.reduced_decode, max_pixels=self.max_pixels,
+                               scale=(lo, hi), hflip=float(self.hflip))
 
 
 # ---------------------------------------------------------------------------- skip counters

@@ -38,6 +38,39 @@ def pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+LAYOUT_CLASSES = ("h_over_v", "v_over_h", "h_left_of_v", "v_left_of_h")
+
+
+def _stripes(horizontal: bool, size: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    v = np.sin(2 * np.pi * rng.uniform(2.5, 5.0) * (yy if horizontal else xx) + rng.uniform(0, 2 * np.pi))
+    c1 = rng.uniform(170, 230) + rng.normal(0, 12, size=3)
+    c2 = rng.uniform(30, 90) + rng.normal(0, 12, size=3)
+    t = (v[..., None] + 1) / 2
+    return c1 * t + c2 * (1 - t) + rng.normal(0, 8, size=(size, size, 3))
+
+
+def layout_pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size, 3) uint8 image made of two halves, one of horizontal and one of vertical
+    stripes; the class is the *arrangement* (which half is above / left of the other).
+
+    Every class has the same bag of local patches (half of each orientation), so features that
+    pool local patch statistics (a randomly initialized ViT is close to that) cannot tell the
+    classes apart; telling them apart needs the global layout, which MAE must model to fill in
+    masked patches from the visible ones. This is the set on which pretraining shows as a gain
+    over random initialization."""
+    first, second = _stripes(True, size, rng), _stripes(False, size, rng)
+    if label % 2:
+        first, second = second, first
+    out = np.empty((size, size, 3), np.float32)
+    h = size // 2
+    if label % 4 < 2:
+        out[:h], out[h:] = first[:h], second[h:]
+    else:
+        out[:, :h], out[:, h:] = first[:, :h], second[:, h:]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def encode(arr_or_img, fmt: str = "JPEG", **kw) -> bytes:
     img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
     buf = io.BytesIO()
@@ -46,8 +79,15 @@ def encode(arr_or_img, fmt: str = "JPEG", **kw) -> bytes:
 
 
 def write_labeled_folder(root: str, n_per_class: int, size: int = 48, seed: int = 0,
-                         classes=CLASSES) -> list[str]:
-    """ImageFolder layout ``root/<class>/<i>.jpg``. Returns the written paths."""
+                         classes=None, kind: str = "structure") -> list[str]:
+    """ImageFolder layout ``root/<class>/<i>.jpg``. Returns the written paths.
+
+    ``kind="structure"``: one texture per class (:func:`pattern`); ``kind="layout"``: classes that
+    differ only in the arrangement of two textures (:func:`layout_pattern`)."""
+    make = {"structure": pattern, "layout": layout_pattern}.get(kind)
+    if make is None:
+        raise ValueError(f"kind={kind!r}: choose 'structure' or 'layout'")
+    classes = classes or (CLASSES if kind == "structure" else LAYOUT_CLASSES)
     rng = np.random.default_rng(seed)
     paths = []
     for label, name in enumerate(classes):
@@ -55,7 +95,7 @@ def write_labeled_folder(root: str, n_per_class: int, size: int = 48, seed: int 
         for i in range(n_per_class):
             p = os.path.join(root, name, f"{i:05d}.jpg")
             with open(p, "wb") as f:
-                f.write(encode(pattern(label % 4, size, rng), "JPEG", quality=92))
+                f.write(encode(make(label % 4, size, rng), "JPEG", quality=92))
             paths.append(p)
     return paths
 

@@ -1,57 +1,119 @@
-"""mae tune: a small search of a tiny model on CPU with the k-NN objective.
-
-Not covered yet (issue 5 stays open): a killed tune driver restored with Tuner.restore. By hand,
-with local storage, `mae tune` killed after its first trial and run again restored the search: all
-3 trials ended TERMINATED, and the finished one was not trained again. The same scenario with the
-experiment on the S3 server ended with only 2 of the 3 trials complete; the cause is not found yet.
-"""
+"""mae tune: small searches of a tiny model on CPU with the k-NN objective, on the 2-node cluster
+with data and experiment on the S3 server: ASHA cuts a bad trial, the non-finite guard ends a
+diverged one, and a killed tune driver resumes without rerunning finished trials."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, BATCH, WORKERS = 16, 8, 2
+BUDGET = STEPS * BATCH * WORKERS  # images per trial
 BASE = ["model.preset=mae_vit_micro_patch4", "data.rows_per_unit=16", "data.decode_batch_size=8",
-        "train.batch_size=8", "train.max_steps=16", "train.log_every=4", "train.ckpt_every=16",
-        "train.vis_images=0", "train.knn_train_images=64", "train.knn_val_images=32",
-        "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0", "scaling.num_workers=2",
+        f"train.batch_size={BATCH}", f"train.max_steps={STEPS}", "train.log_every=4", "train.ckpt_every=16",
+        "train.vis_images=0", "train.knn_train_images=128", "train.knn_val_images=48",
+        "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0", f"scaling.num_workers={WORKERS}",
         "run.max_failures=0"]
 
 
 @pytest.fixture(scope="module")
-def tune_shards(labeled_dir, bucket, ray_cluster):
+def tune_shards(bucket, ray_cluster, tmp_path_factory):
     from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.synthetic import write_labeled_folder
+    src = tmp_path_factory.mktemp("tune-labeled")
+    write_labeled_folder(str(src), n_per_class=48, size=48, seed=1)  # 192 images, 4 classes
     dst = f"s3://{bucket}/tune-shards"
-    prepare(PrepareConfig(src=labeled_dir, dst=dst, shard_size_mb=0.05, val_fraction=0.3), progress=False)
+    prepare(PrepareConfig(src=str(src), dst=dst, shard_size_mb=0.05, val_fraction=0.3), progress=False)
     return dst
 
 
-def test_search_objective_asha_and_best_config(tune_shards, bucket):
+def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, bucket):
     from jobs.config import load
     from jobs.tune import OBJECTIVE, run_tune
     from pipeline.storage import read_bytes
     base = load(None, [*BASE, f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
-    # Grid in order: two sane learning rates, then a deliberately absurd one (last, so that ASHA
-    # has the others' results at its first rung when the bad trial gets there).
-    space = {"model.overrides.mask_ratio": [0.75], "optim.lr": [0.005, 0.002, 1000.0]}
+    # Grid in order, one trial at a time: two sane learning rates, then a huge one (5.0: the loss
+    # stays finite but the features are wrecked, so its k-NN falls below the others' at ASHA's
+    # first rung), then an absurd one (1000: the loss turns non-finite and the guard ends the trial
+    # with objective 0). Bad trials come last so that ASHA has the others' results at its rung.
+    space = {"model.overrides.mask_ratio": [0.75], "optim.lr": [0.005, 0.002, 5.0, 1000.0]}
     grid, rows, tune_dir = run_tune(base, space, name="search", storage=f"s3://{bucket}/tune",
                                     max_concurrent=1, restore=False)
     print(json.dumps(rows, indent=1))
-    assert len(rows) == 3
-    good = [r for r in rows if r["optim.lr"] != 1000.0]
-    bad = [r for r in rows if r["optim.lr"] == 1000.0][0]
-    for r in good:  # the recorded objective is the probe accuracy, measured at each report
+    assert len(rows) == 4
+    by_lr = {r["optim.lr"]: r for r in rows}
+    for lr in (0.005, 0.002):  # the recorded objective is the probe accuracy, measured at each report
+        r = by_lr[lr]
         assert r[OBJECTIVE] is not None and 0.0 <= r[OBJECTIVE] <= 1.0 and r["images_per_s"] > 0
-    # the first trial to reach each ASHA rung is never cut: it used the whole budget (a later sane
-    # trial may legitimately be cut at a rung if its k-NN is below the first one's)
-    assert good[0]["stopped_at_images"] == 16 * 8 * 2
-    # the absurd trial never got to use its whole budget: ASHA (or the non-finite-loss guard) ended it
-    assert bad["stopped_at_images"] is None or bad["stopped_at_images"] < 16 * 8 * 2
+    # the first trial to reach each ASHA rung is never cut: it used the whole budget
+    assert by_lr[0.005]["stopped_at_images"] == BUDGET
+    # the huge-lr trial: finite loss (no error), cut by ASHA at its first rung (a quarter of the budget)
+    huge = by_lr[5.0]
+    assert huge["error"] is None and huge["stopped_at_images"] == BUDGET // 4, huge
+    assert huge[OBJECTIVE] < max(by_lr[0.005][OBJECTIVE], by_lr[0.002][OBJECTIVE])
+    # the absurd trial: ended by the non-finite-loss guard with objective 0
+    absurd = by_lr[1000.0]
+    assert absurd["error"] and "non-finite loss" in absurd["error"] and absurd["stopped_at_images"] < BUDGET
     best = grid.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
-    assert best.config["params"]["optim.lr"] != 1000.0
+    assert best.config["params"]["optim.lr"] in (0.005, 0.002)
     for f in ("results.csv", "results.md", "best_config.yaml"):
         assert read_bytes(f"{tune_dir}/{f}")
     import yaml
     best_cfg = yaml.safe_load(read_bytes(f"{tune_dir}/best_config.yaml"))
     assert best_cfg["optim"]["lr"] == best.config["params"]["optim.lr"]
+
+
+def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster):
+    import ray
+
+    from jobs.checkpoint import list_checkpoints
+    from pipeline.storage import list_files, read_bytes
+    storage = f"s3://{bucket}/tune-restore"
+    # grace = the whole budget: ASHA cuts nothing here, so every trial must end with its final checkpoint
+    args = [sys.executable, "-m", "jobs.tune", *BASE, f"data.source={tune_shards}", f"run.storage_path={storage}",
+            "--space", "model.overrides.mask_ratio=0.5,0.75,0.9", "--name", "resumable", "--max-concurrent", "1",
+            "--grace-images", str(BUDGET)]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+    def finished_trials():
+        try:
+            files = list_files(f"{storage}/resumable/trials")
+        except Exception:  # noqa: BLE001 - nothing written yet
+            return []
+        return sorted({p.split("/trials/")[1].split("/")[0] for p, _ in files if p.endswith("/COMPLETE")})
+
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and not finished_trials() and p.poll() is None:
+        time.sleep(2)
+    first = finished_trials()
+    assert len(first) == 1, p.stdout.read().decode()[-3000:] if p.poll() is not None else "no trial finished"
+    time.sleep(5)  # the driver records the finished trial (or, if killed first, Tune relaunches it and
+    # the relaunched run finds its final checkpoint and trains no further)
+    os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
+    p.wait()
+    time.sleep(3)
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "resuming" in out
+    done = finished_trials()
+    assert len(done) == 3 and set(first) <= set(done), (first, done)
+    # the finished trial was not rerun: one history of 4 reports and one final checkpoint
+    for t in first:
+        steps = [json.loads(x)["step"] for x in
+                 read_bytes(f"{storage}/resumable/trials/{t}/metrics.jsonl").decode().splitlines()]
+        assert steps == [4, 8, 12, 16]
+        assert [c["step"] for c in list_checkpoints(f"{storage}/resumable/trials/{t}") if c["complete"]] == [16]
+    import csv
+    import io
+    rows = list(csv.DictReader(io.StringIO(read_bytes(f"{storage}/resumable/results.csv").decode())))
+    assert len(rows) == 3 and all(not row["error"] for row in rows)
