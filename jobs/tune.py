@@ -1,4 +1,4 @@
-"""mae tune [CONFIG.yaml] [overrides] --grid/--random: search mask ratio and decoder depth.
+"""mae tune [CONFIG.yaml] [overrides] [--search grid|random|optuna]: search mask ratio and decoder depth.
 
 Each trial is a whole distributed pretraining run: a Tune function trainable builds and fits a
 TorchTrainer (the Ray Train V2 pattern) whose metrics reach Tune through TuneReportCallback.
@@ -83,7 +83,19 @@ def _num(row, key, cast=float):
     return cast(v) if v == v and abs(v) != float("inf") else None
 
 
-def results_table(grid, space: dict) -> list[dict]:
+def _trial_checkpoint(tune_dir: str, trial_id: str | None) -> str | None:
+    """The URI of a trial's newest complete checkpoint (its run lives in TUNE_DIR/trials/ID)."""
+    if not trial_id:
+        return None
+    from jobs.checkpoint import latest_complete
+    try:
+        c = latest_complete(str(parse_uri(tune_dir).join("trials", trial_id)))
+    except Exception:  # noqa: BLE001 - an unreadable trial directory: the table says so by a blank
+        return None
+    return c["uri"] if c else None
+
+
+def results_table(grid, space: dict, tune_dir: str) -> list[dict]:
     rows = []
     for r in grid:
         hist = r.metrics_dataframe
@@ -100,7 +112,7 @@ def results_table(grid, space: dict) -> list[dict]:
                      "images_per_s": _num(best, "throughput/images_per_s"),
                      "images_seen": _num(best, "images_seen", int),
                      "stopped_at_images": int(hist["images_seen"].max()) if hist is not None and "images_seen" in hist else None,
-                     "checkpoint": None if best is None else best.get("checkpoint_dir_name") or r.path,
+                     "checkpoint": _trial_checkpoint(tune_dir, r.metrics.get("trial_id") if r.metrics else None),
                      "error": r.metrics.get("error") if r.metrics else str(r.error) if r.error else None})
     return rows
 
@@ -124,6 +136,17 @@ def write_results(rows: list[dict], tune_dir: str, best_cfg: PretrainConfig | No
         write_bytes(u.join("best_config.yaml"), best_cfg.to_yaml().encode())
 
 
+def optuna_searcher():
+    """Optuna's TPE through Ray Tune's OptunaSearch, on the objective (maximized)."""
+    try:
+        import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise UserError("--search optuna needs the optuna package: pip install 'ray-mae[search]' "
+                        "(or pip install optuna)") from None
+    return OptunaSearch(metric=OBJECTIVE, mode="max", seed=0)
+
+
 def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, search: str = "grid",
              num_samples: int = 1, grace_images: int | None = None, max_concurrent: int | None = None,
              restore: bool = True):
@@ -134,10 +157,13 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
     if parse_uri(storage).scheme == "file":
         os.makedirs(root, exist_ok=True)
     tune_dir = str(parse_uri(storage).join(name))
+    search_alg = None
     if search == "grid":
         param_space = {k: tune.grid_search(v) for k, v in space.items()}
     else:
         param_space = {k: tune.choice(v) for k, v in space.items()}
+    if search == "optuna":  # model-based (TPE): each trial's choice learns from the finished ones
+        search_alg = optuna_searcher()
     per_trial = trial_cpus(base)
     cluster = ray.cluster_resources().get("CPU", 1)
     mc = max_concurrent or max(1, int(cluster // per_trial))
@@ -156,13 +182,13 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
             trainable,
             param_space={"base": base.to_dict(), "tune_dir": tune_dir, "params": param_space},
             tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=mc),
+                                        max_concurrent_trials=mc, search_alg=search_alg),
             run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs),
         )
     print(f"[tune] {tune_dir}: space {space}, {mc} concurrent trials of {per_trial:g} CPUs, "
           f"budget {budget} images per trial, objective {OBJECTIVE} (max)", flush=True)
     grid = tuner.fit()
-    rows = results_table(grid, space)
+    rows = results_table(grid, space, tune_dir)
     best_cfg = None
     try:
         best = grid.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
@@ -181,8 +207,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("overrides", nargs="*", help="section.field=value overrides of the base config")
     ap.add_argument("--space", action="append", default=[],
                     help="section.field=v1,v2,... (default: mask_ratio 0.5,0.75,0.9 x decoder_depth 1,4,8)")
-    ap.add_argument("--search", choices=["grid", "random"], default="grid")
-    ap.add_argument("--num-samples", type=int, default=1, help="random search: trials; grid: repeats")
+    ap.add_argument("--search", choices=["grid", "random", "optuna"], default="grid",
+                    help="grid (every combination), random, or optuna (model-based TPE; pip install optuna)")
+    ap.add_argument("--num-samples", type=int, default=1, help="random/optuna: trials; grid: repeats")
     ap.add_argument("--name", default="mae-tune")
     ap.add_argument("--grace-images", type=int, default=None, help="ASHA grace period in images seen")
     ap.add_argument("--max-concurrent", type=int, default=None)

@@ -61,6 +61,9 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     # the absurd trial: ended by the non-finite-loss guard with objective 0
     absurd = by_lr[1000.0]
     assert absurd["error"] and "non-finite loss" in absurd["error"] and absurd["stopped_at_images"] < BUDGET
+    # each trial's checkpoint column is the URI of its run's newest complete checkpoint
+    assert by_lr[0.005]["checkpoint"].endswith(f"/trials/{by_lr[0.005]['trial']}/checkpoint_{STEPS:08d}")
+    assert by_lr[5.0]["checkpoint"] is None  # cut before its first checkpoint
     best = grid.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
     assert best.config["params"]["optim.lr"] in (0.005, 0.002)
     for f in ("results.csv", "results.md", "best_config.yaml"):
@@ -68,6 +71,20 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     import yaml
     best_cfg = yaml.safe_load(read_bytes(f"{tune_dir}/best_config.yaml"))
     assert best_cfg["optim"]["lr"] == best.config["params"]["optim.lr"]
+
+
+def test_optuna_search_is_model_based_over_the_same_objective(tune_shards, bucket):
+    from jobs.config import load
+    from jobs.tune import OBJECTIVE, run_tune
+    base = load(None, [*BASE, "train.max_steps=8", f"data.source={tune_shards}",
+                       f"run.storage_path=s3://{bucket}/tune-optuna"])
+    space = {"model.overrides.mask_ratio": [0.5, 0.75, 0.9], "model.overrides.decoder_depth": [1, 2]}
+    grid, rows, tune_dir = run_tune(base, space, name="tpe", storage=f"s3://{bucket}/tune-optuna",
+                                    search="optuna", num_samples=2, max_concurrent=1, restore=False)
+    assert len(rows) == 2
+    for r in rows:  # every trial drew its values from the space and reported the objective
+        assert r["model.overrides.mask_ratio"] in (0.5, 0.75, 0.9) and r["model.overrides.decoder_depth"] in (1, 2)
+        assert r[OBJECTIVE] is not None and r["error"] is None
 
 
 def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster):
