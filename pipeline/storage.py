@@ -109,7 +109,10 @@ def pyarrow_fs(uri: str | URI, endpoint: str | None = None):
 @lru_cache(maxsize=8)
 def _fs_s3(endpoint: str | None):
     import s3fs
-    kw = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}}}
+    # No listings cache: several processes write the same run directory (ranks, restarted
+    # attempts, the tune driver), and s3fs answers exists()/size() (and so cat_file()) from a
+    # cached listing when it has one, which makes a file written after that listing "not found".
+    kw = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}}, "use_listings_cache": False}
     if endpoint:
         kw["endpoint_url"] = endpoint
         kw["client_kwargs"] = {"region_name": _region()}
@@ -126,7 +129,7 @@ def fsspec_fs(uri: str | URI, endpoint: str | None = None):
             import gcsfs
         except ImportError as e:
             raise StorageError(f"{u}: gs:// needs the gcsfs package: pip install gcsfs") from e
-        return gcsfs.GCSFileSystem(), u.path
+        return gcsfs.GCSFileSystem(use_listings_cache=False), u.path  # see _fs_s3
     import fsspec
     return fsspec.filesystem("file", auto_mkdir=True), u.path
 
