@@ -139,10 +139,16 @@ def _run_best_metric(run: URI) -> str | None:
 
 
 # ---------------------------------------------------------------------------- list
+def _num(v) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "-"
+    return str(v) if isinstance(v, int) else f"{v:.4g}"
+
+
 def _fmt_row(r: dict, metric_names: list[str]) -> list[str]:
     when = dt.datetime.fromtimestamp(r["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if r["time"] else "-"
     size = f"{r['bytes'] / 2**20:.1f} MiB" if r["bytes"] else "-"
-    ms = [f"{r['metrics'][m]:.4g}" if isinstance(r["metrics"].get(m), (int, float)) else "-" for m in metric_names]
+    ms = [_num(r["metrics"].get(m)) for m in metric_names]
     return [r["name"], str(r["step"]), r["state"], when, size, *ms]
 
 
@@ -389,7 +395,8 @@ def export(src: str, fmt: str, out: str, dtype: str = "fp32") -> str:
     if not out.endswith((".safetensors", ".pth", ".pt")):
         out += ".pth" if fmt == "official" else ".safetensors"
     local, tmp = src, None
-    if not os.path.isdir(src) or not os.path.exists(os.path.join(src, "config.yaml")):
+    is_ckpt_dir = os.path.isdir(src) and any(os.path.exists(os.path.join(src, m)) for m in (ckpt.DCP_METADATA, ".metadata"))
+    if not is_ckpt_dir:
         row = select(src)  # a URI (or a run directory): pull it verified to a temporary place
         tmp = tempfile.mkdtemp(prefix="mae-export-")
         local = pull(row["uri"], tmp, progress=sys.stderr.isatty())

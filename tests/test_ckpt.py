@@ -146,6 +146,14 @@ def test_export_formats_match_the_trained_weights(run, tmp_path):
     load_official_state_dict(back, path, verbose=False)
     assert all(torch.equal(back.state_dict()[k], ref[k]) for k in ref)
 
+    # a run directory, on the store or local (it has a config.yaml too): its latest complete checkpoint
+    fs, p = fsspec_fs(run["uri"])
+    local_run = tmp_path / "local-run"
+    fs.get(p + "/", str(local_run) + "/", recursive=True)
+    for src in (run["uri"], str(local_run)):
+        sd = load_file(export(src, "full", str(tmp_path / "from-run.safetensors")))
+        assert all(torch.equal(sd[k], ref[k]) for k in ref), src
+
 
 def test_timm_export_loads_strict_into_timm_vit_and_gives_the_same_features(run, tmp_path):
     timm = pytest.importorskip("timm")
