@@ -293,16 +293,33 @@ class local_dcp_dir:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def model_config_in(local_dir: str):
+def local_checkpoint(src: str, tmp: str, *, progress: bool = False) -> str:
+    """A checkpoint as a local directory ready for :func:`consolidate`: ``src`` itself if it is
+    one (pulled, or written by a run on local disk), else ``src`` names a checkpoint or run
+    directory (local or on a store) whose chosen checkpoint is pulled, verified, into ``tmp``."""
+    if os.path.isdir(src) and any(os.path.exists(os.path.join(src, m)) for m in (ckpt.DCP_METADATA, ".metadata")):
+        if not os.path.exists(os.path.join(src, ckpt.MARKER)):
+            raise UserError(f"{src}: incomplete checkpoint (no {ckpt.MARKER}): if `mae ckpt pull` made it, "
+                            "run the same pull again to finish it")
+        return src
+    return pull(select(src)["uri"], tmp, progress=progress)
+
+
+def model_config_from_yaml(text: str | bytes):
+    """The MAEConfig of a run, from its saved config.yaml."""
     import yaml
 
     from jobs.config import ModelSection
+    m = (yaml.safe_load(text) or {}).get("model", {})
+    return ModelSection(preset=m.get("preset", "mae_vit_base_patch16"), overrides=m.get("overrides", {})).build()
+
+
+def model_config_in(local_dir: str):
     path = os.path.join(local_dir, "config.yaml")
     if not os.path.exists(path):
         raise UserError(f"{local_dir}: no config.yaml: not a checkpoint of this project")
     with open(path) as f:
-        m = (yaml.safe_load(f) or {}).get("model", {})
-    return ModelSection(preset=m.get("preset", "mae_vit_base_patch16"), overrides=m.get("overrides", {})).build()
+        return model_config_from_yaml(f.read())
 
 
 def consolidate(local_dir: str, cfg=None):
@@ -346,29 +363,18 @@ def init_state_dict(uri: str, cfg, *, verbose: bool = True) -> dict:
     from mae_model import MaskedAutoencoder, load_official_state_dict
     u = parse_uri(uri)
     if u.path.endswith((".pth", ".pt", ".safetensors")):
-        tmp = None
-        path = u.path
-        if u.scheme != "file":  # one file from the store, then the same loader as a local file
-            tmp = tempfile.mkdtemp(prefix="mae-init-")
-            path = os.path.join(tmp, os.path.basename(u.path))
-            fs, p = fsspec_fs(u)
-            with storage_errors(u):
-                fs.get_file(p, path)
-        try:
+        with tempfile.TemporaryDirectory(prefix="mae-init-") as tmp:
+            path = u.path
+            if u.scheme != "file":  # one file from the store, then the same loader as a local file
+                path = os.path.join(tmp, os.path.basename(u.path))
+                fs, p = fsspec_fs(u)
+                with storage_errors(u):
+                    fs.get_file(p, path)
             full = MaskedAutoencoder(cfg)
             info = load_official_state_dict(full, path, verbose=verbose)
-        finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
         return {k: v for k, v in full.state_dict().items() if k not in info["missing"]}
-    if u.scheme == "file" and os.path.exists(os.path.join(u.path, "config.yaml")):
-        return dict(consolidate(u.path, cfg).state_dict())
-    row = select(uri)
-    tmp = tempfile.mkdtemp(prefix="mae-init-")
-    try:
-        return dict(consolidate(pull(row["uri"], tmp, progress=False), cfg).state_dict())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="mae-init-") as tmp:
+        return dict(consolidate(local_checkpoint(str(u), tmp), cfg).state_dict())
 
 
 def export_state_dict(model, fmt: str) -> dict:
@@ -394,32 +400,21 @@ def export(src: str, fmt: str, out: str, dtype: str = "fp32") -> str:
     out = os.path.abspath(os.path.expanduser(out))
     if not out.endswith((".safetensors", ".pth", ".pt")):
         out += ".pth" if fmt == "official" else ".safetensors"
-    local, tmp = src, None
-    is_ckpt_dir = os.path.isdir(src) and any(os.path.exists(os.path.join(src, m)) for m in (ckpt.DCP_METADATA, ".metadata"))
-    if not is_ckpt_dir:
-        row = select(src)  # a URI (or a run directory): pull it verified to a temporary place
-        tmp = tempfile.mkdtemp(prefix="mae-export-")
-        local = pull(row["uri"], tmp, progress=sys.stderr.isatty())
-    elif os.path.exists(os.path.join(src, "manifest.json")) and not os.path.exists(os.path.join(src, ckpt.MARKER)):
-        raise UserError(f"{src}: incomplete pull (no {ckpt.MARKER}): run the same `mae ckpt pull` again to finish it")
-    try:
-        model = consolidate(local)
-        sd = export_state_dict(model, fmt)
-        target = getattr(torch, DTYPES[dtype])
-        sd = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-        meta = {"format": f"ray-mae/{fmt}", "dtype": dtype, "mae_config": json.dumps(model.config.to_dict())}
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        part = out + ".part"
-        if out.endswith(".safetensors"):
-            from safetensors.torch import save_file
-            save_file(sd, part, metadata=meta)
-        else:
-            torch.save({"model": sd, "mae_config": model.config.to_dict(), "format": meta["format"]}, part)
-        os.chmod(part, 0o644)
-        os.replace(part, out)  # never a half-written export under the final name
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="mae-export-") as tmp:
+        model = consolidate(local_checkpoint(src, tmp, progress=sys.stderr.isatty()))  # tensors now in memory
+    sd = export_state_dict(model, fmt)
+    target = getattr(torch, DTYPES[dtype])
+    sd = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    meta = {"format": f"ray-mae/{fmt}", "dtype": dtype, "mae_config": json.dumps(model.config.to_dict())}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    part = out + ".part"
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(sd, part, metadata=meta)
+    else:
+        torch.save({"model": sd, "mae_config": model.config.to_dict(), "format": meta["format"]}, part)
+    os.chmod(part, 0o644)
+    os.replace(part, out)  # never a half-written export under the final name
     return out
 
 

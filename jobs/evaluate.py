@@ -14,58 +14,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 
 import numpy as np
 import torch
-import yaml
 
-from jobs import checkpoint as ckpt
+from jobs import ckpt as ckpt_tools
 from jobs.common import UserError, init_ray, one_line_errors
 from jobs.probe import evaluate_features
 from mae_model import MaskedAutoencoder
 from pipeline.storage import parse_uri, read_bytes, write_bytes
 
 
-def resolve_checkpoint(uri: str) -> str:
-    """A checkpoint directory (must be complete) or a run directory (its latest complete one)."""
-    u = parse_uri(uri)
-    name = u.path.rstrip("/").rsplit("/", 1)[-1]
-    if name.startswith("checkpoint_"):
-        done = [c for c in ckpt.list_checkpoints(str(u).rsplit("/", 1)[0]) if c["name"] == name]
-        if not done:
-            raise UserError(f"{uri}: no such checkpoint")
-        if not done[0]["complete"]:
-            raise UserError(f"{uri}: incomplete checkpoint (no {ckpt.MARKER} marker): pick a complete one "
-                            "(mae pretrain prints them) or the run directory")
-        return str(u)
-    latest = ckpt.latest_complete(u)
-    if latest is None:
-        raise UserError(f"{uri}: no complete checkpoint found (is this a run or checkpoint directory?)")
-    return latest["uri"]
-
-
 def model_config_of(ckpt_uri: str):
-    from jobs.config import ModelSection
-    d = yaml.safe_load(read_bytes(parse_uri(ckpt_uri).join("config.yaml")))
-    m = d.get("model", {})
-    return ModelSection(preset=m.get("preset", "mae_vit_base_patch16"), overrides=m.get("overrides", {})).build()
+    return ckpt_tools.model_config_from_yaml(read_bytes(parse_uri(ckpt_uri).join("config.yaml")))
 
 
 def load_model(ckpt_uri: str, random_init: bool = False, seed: int = 0) -> MaskedAutoencoder:
-    """The full model on CPU in one process (DCP shards consolidated, no process group)."""
-    import torch.distributed.checkpoint as dcp
-    torch.manual_seed(seed)
-    model = MaskedAutoencoder(model_config_of(ckpt_uri))
+    """The full model on CPU in one process (DCP shards consolidated, no process group), or the
+    same architecture at random initialization (seeded)."""
     if random_init:
-        return model
-    local = ckpt.download(ckpt_uri)
-    try:
-        sd = model.state_dict()
-        dcp.load({"model": sd}, checkpoint_id=local, no_dist=True)
-        model.load_state_dict(sd)
-    finally:
-        ckpt.cleanup_local(local)
-    return model
+        torch.manual_seed(seed)
+        return MaskedAutoencoder(model_config_of(ckpt_uri))
+    with tempfile.TemporaryDirectory(prefix="mae-eval-") as tmp:
+        return ckpt_tools.consolidate(ckpt_tools.local_checkpoint(ckpt_uri, tmp))
 
 
 class _Features:
@@ -113,7 +85,7 @@ def extract(model: MaskedAutoencoder, source: str, split: str, limit: int | None
 def evaluate(ckpt_uri: str, dataset: str, *, max_train: int | None = None, max_val: int | None = None,
              workers: int = 2, val_fraction: float = 0.2, seed: int = 0, random_init: bool = False,
              linear: bool = True, write: bool = True) -> dict:
-    ckpt_uri = resolve_checkpoint(ckpt_uri)
+    ckpt_uri = ckpt_tools.select(ckpt_uri)["uri"]  # a complete checkpoint, or a run's latest
     model = load_model(ckpt_uri, random_init=random_init, seed=seed)
     tr, tr_y = extract(model, dataset, "train", max_train, workers, val_fraction, seed)
     va, va_y = extract(model, dataset, "val", max_val, workers, val_fraction, seed)

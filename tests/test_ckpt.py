@@ -197,11 +197,18 @@ def test_init_from_every_source_gives_the_trained_weights(run, tmp_path):
     s3_file = f"{run['uri']}-exports/off.pth"
     fs, p = fsspec_fs(s3_file)
     fs.put_file(official, p)
-    for src in (run["uri"], local, official, s3_file):
+    local_run = tmp_path / "local-run"  # a run directory on local disk (it has a config.yaml too)
+    fs.get(fsspec_fs(run["uri"])[1] + "/", str(local_run) + "/", recursive=True)
+    for src in (run["uri"], str(local_run), local, official, s3_file):
         sd = init_state_dict(src, c, verbose=False)
         assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref), src
     enc = init_state_dict(timm_file, c, verbose=False)  # encoder only: the decoder is left out
     assert not any(k.startswith("decoder") for k in enc) and torch.equal(enc["blocks.0.attn.qkv.weight"],
                                                                          ref["blocks.0.attn.qkv.weight"])
+    os.remove(os.path.join(local, ckpt.MARKER))  # an unfinished pull is refused, not half-loaded
+    with pytest.raises(Exception, match="incomplete checkpoint"):
+        init_state_dict(local, c, verbose=False)
+    with open(os.path.join(local, ckpt.MARKER), "w") as f:
+        f.write("ok\n")
     with pytest.raises(Exception, match="does not match this model config"):
         init_state_dict(local, mae_vit_micro_patch4(embed_dim=32, num_heads=2), verbose=False)
