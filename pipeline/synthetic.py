@@ -29,13 +29,18 @@ def pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     else:
         cy, cx = rng.uniform(0.3, 0.7, size=2)
         v = np.sin(2 * np.pi * freq * np.hypot(yy - cy, xx - cx) * 1.5 + phase)
-    # Light and dark tones with a small random tint: colour carries (almost) no class
-    # information, so a probe must read the structure, which is what MAE learns to model.
+    return np.clip(_two_tones(v, size, rng), 0, 255).astype(np.uint8)
+
+
+def _two_tones(v: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """v (size, size) in [-1, 1] -> (size, size, 3) float pixels between a light and a dark tone.
+
+    Light and dark tones with a small random tint and pixel noise: colour carries (almost) no
+    class information, so a probe must read the structure, which is what MAE learns to model."""
     c1 = rng.uniform(170, 230) + rng.normal(0, 12, size=3)
     c2 = rng.uniform(30, 90) + rng.normal(0, 12, size=3)
     t = (v[..., None] + 1) / 2
-    img = c1 * t + c2 * (1 - t) + rng.normal(0, 8, size=(size, size, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return c1 * t + c2 * (1 - t) + rng.normal(0, 8, size=(size, size, 3))
 
 
 LAYOUT_CLASSES = ("h_over_v", "v_over_h", "h_left_of_v", "v_left_of_h")
@@ -44,10 +49,7 @@ LAYOUT_CLASSES = ("h_over_v", "v_over_h", "h_left_of_v", "v_left_of_h")
 def _stripes(horizontal: bool, size: int, rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     v = np.sin(2 * np.pi * rng.uniform(2.5, 5.0) * (yy if horizontal else xx) + rng.uniform(0, 2 * np.pi))
-    c1 = rng.uniform(170, 230) + rng.normal(0, 12, size=3)
-    c2 = rng.uniform(30, 90) + rng.normal(0, 12, size=3)
-    t = (v[..., None] + 1) / 2
-    return c1 * t + c2 * (1 - t) + rng.normal(0, 8, size=(size, size, 3))
+    return _two_tones(v, size, rng)
 
 
 def layout_pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
