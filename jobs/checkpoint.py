@@ -70,7 +70,6 @@ def list_checkpoints(run_dir: str | URI) -> list[dict]:
     with storage_errors(u):
         if not fs.exists(p):
             return []
-        fs.invalidate_cache(p)
         entries = fs.ls(p, detail=False)
     out = []
     for e in entries:

@@ -179,7 +179,6 @@ def list_files(uri: str | URI, suffixes: tuple[str, ...] | None = None) -> list[
     u = uri if isinstance(uri, URI) else parse_uri(uri)
     fs, p = fsspec_fs(u)
     with storage_errors(u):
-        fs.invalidate_cache(p)  # s3fs caches listings: a second listing must see new objects
         if u.scheme != "file" and "/" not in p.strip("/"):
             fs.ls(p)  # a bare bucket: surfaces NoSuchBucket instead of an empty listing
         found = fs.find(p, detail=True)
