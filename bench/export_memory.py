@@ -42,7 +42,7 @@ def main() -> None:
     import torch
     import yaml
 
-    from jobs import checkpoint as ckpt
+    from jobs.core import checkpoint as ckpt
     from mae_model import MaskedAutoencoder, get_preset
     tmp = tempfile.mkdtemp(prefix="mae-exportbench-")
     try:

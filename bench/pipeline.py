@@ -134,7 +134,7 @@ def main():
               f"{a.cores} cores", flush=True)
         from conftest import upload_dir
         upload_dir(os.path.join(tmp, "raw"), "s3://bench/raw")
-        from jobs.common import init_ray
+        from jobs.core.common import init_ray
         init_ray(num_cpus=a.cores)
         from pipeline.prepare import PrepareConfig, prepare
         prepare(PrepareConfig(src="s3://bench/raw", dst="s3://bench/shards", shard_size_mb=16), progress=False)

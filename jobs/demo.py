@@ -11,7 +11,7 @@ import argparse
 import os
 import time
 
-from jobs.common import init_ray, one_line_errors
+from jobs.core.common import init_ray, one_line_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         if not os.path.exists(os.path.join(shards, "manifest.json")):
             m = prepare(PrepareConfig(src=raw, dst=shards, val_fraction=0.1, shard_size_mb=0.25, overwrite=True))
             print(f"[demo] prepared {m['counts']['ok']} images into {shards}", flush=True)
-        from jobs.config import load
-        from jobs.pretrain import fit
+        from jobs.core.config import load
+        from jobs.core.launch import fit
         cfg = load(None, [
             "model.preset=mae_vit_micro_patch4", f"data.source={shards}",
             "data.decode_batch_size=64", "data.shuffle_buffer=256",

@@ -19,9 +19,9 @@ import tempfile
 import numpy as np
 import torch
 
-from jobs import ckpt as ckpt_tools
-from jobs.common import UserError, init_ray, one_line_errors
-from jobs.probe import evaluate_features
+from jobs.core import weights as ckpt_tools
+from jobs.core.common import UserError, init_ray, one_line_errors
+from jobs.core.probe import evaluate_features
 from mae_model import MaskedAutoencoder
 from pipeline.storage import parse_uri, read_bytes, write_bytes
 

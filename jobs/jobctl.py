@@ -10,7 +10,7 @@ import argparse
 import datetime as dt
 import sys
 
-from jobs.common import one_line_errors
+from jobs.core.common import one_line_errors
 from jobs.submit import client, cluster_errors, follow, job_server
 
 

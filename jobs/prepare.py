@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import init_ray, one_line_errors
+from jobs.core.common import init_ray, one_line_errors
 from pipeline.prepare import PrepareConfig, plan, prepare
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 
-from jobs.common import UserError, one_line_errors
+from jobs.core.common import UserError, one_line_errors
 from pipeline.storage import SECRET_ENV, redact
 
 SUBMITTABLE = ("pretrain", "tune", "evaluate", "prepare")

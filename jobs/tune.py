@@ -25,8 +25,8 @@ import sys
 
 import yaml
 
-from jobs.common import UserError, init_ray, one_line_errors
-from jobs.config import PretrainConfig, load, set_field
+from jobs.core.common import UserError, init_ray, one_line_errors
+from jobs.core.config import PretrainConfig, load, set_field
 from pipeline.storage import parse_uri, pyarrow_fs, write_bytes
 
 DEFAULT_SPACE = {"model.overrides.mask_ratio": [0.5, 0.75, 0.9], "model.overrides.decoder_depth": [1, 4, 8]}
@@ -48,7 +48,7 @@ def trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.pretrain import fit
+    from jobs.core.launch import fit
     ctx = ray.tune.get_context()
     cfg = trial_config(config["base"], config["params"], ctx.get_trial_id(), config["tune_dir"])
     # A non-finite loss ends the run with an "error" report (objective 0) that reaches Tune
@@ -87,7 +87,7 @@ def _trial_checkpoint(tune_dir: str, trial_id: str | None) -> str | None:
     """The URI of a trial's newest complete checkpoint (its run lives in TUNE_DIR/trials/ID)."""
     if not trial_id:
         return None
-    from jobs.checkpoint import latest_complete
+    from jobs.core.checkpoint import latest_complete
     try:
         c = latest_complete(str(parse_uri(tune_dir).join("trials", trial_id)))
     except Exception:  # noqa: BLE001 - an unreadable trial directory: the table says so by a blank

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from jobs import checkpoint as ckpt
-from jobs.ckpt import export, init_state_dict, main, pull, select
+from jobs.core import checkpoint as ckpt
+from jobs.ckpt import main
+from jobs.core.weights import export, init_state_dict, pull, select
 from mae_model import MaskedAutoencoder, load_official_state_dict, mae_vit_micro_patch4
 from pipeline.storage import fsspec_fs, parse_uri, write_bytes
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from jobs.probe import knn_top1, linear_probe_top1
+from jobs.core.probe import knn_top1, linear_probe_top1
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -39,9 +39,9 @@ def test_evaluate_pretrained_encoder_beats_random_init(layout_shards, bucket, tm
     """End to end: pretrain on the layout set, then `mae evaluate` the checkpoint from object
     storage (features extracted in parallel on the cluster, both probes on both features, JSON
     beside the checkpoint) against the same encoder at random initialization."""
-    from jobs.config import load
+    from jobs.core.config import load
     from jobs.evaluate import evaluate, main
-    from jobs.pretrain import fit, run_dir_of
+    from jobs.core.launch import fit, run_dir_of
     from pipeline.storage import read_bytes
     cfg = load(None, ["model.preset=mae_vit_micro_patch4", f"data.source={layout_shards}", "data.rows_per_unit=32",
                       "data.decode_batch_size=32", "data.shuffle_buffer=256",

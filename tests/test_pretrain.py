@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from jobs import checkpoint as ckpt
-from jobs.config import load
-from jobs.pretrain import fit, run_dir_of
+from jobs.core import checkpoint as ckpt
+from jobs.core.config import load
+from jobs.core.launch import fit, run_dir_of
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.storage import fsspec_fs, list_files, read_bytes, write_bytes
 

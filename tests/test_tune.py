@@ -35,7 +35,7 @@ def tune_shards(bucket, ray_cluster, tmp_path_factory):
 
 
 def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, bucket):
-    from jobs.config import load
+    from jobs.core.config import load
     from jobs.tune import OBJECTIVE, run_tune
     from pipeline.storage import read_bytes
     base = load(None, [*BASE, f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
@@ -74,7 +74,7 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
 
 
 def test_optuna_search_is_model_based_over_the_same_objective(tune_shards, bucket):
-    from jobs.config import load
+    from jobs.core.config import load
     from jobs.tune import OBJECTIVE, run_tune
     base = load(None, [*BASE, "train.max_steps=8", f"data.source={tune_shards}",
                        f"run.storage_path=s3://{bucket}/tune-optuna"])
@@ -90,7 +90,7 @@ def test_optuna_search_is_model_based_over_the_same_objective(tune_shards, bucke
 def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster):
     import ray
 
-    from jobs.checkpoint import list_checkpoints
+    from jobs.core.checkpoint import list_checkpoints
     from pipeline.storage import list_files, read_bytes
     storage = f"s3://{bucket}/tune-restore"
     # grace = the whole budget: ASHA cuts nothing here, so every trial must end with its final checkpoint

@@ -20,18 +20,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from jobs import checkpoint as ckpt
-from jobs.config import PretrainConfig
-from jobs.metrics import (
+from jobs.core import checkpoint as ckpt
+from jobs.core.config import PretrainConfig
+from jobs.core.metrics import (
     MetricsLogger,
     fmt_eta,
     local_state_mb,
     peak_flops,
     peak_memory_mb,
 )
-from jobs.optim import build_optimizer, lr_at
-from jobs.probe import features, knn_top1
-from jobs.visualize import reconstruction_grid, save_png
+from jobs.core.optim import build_optimizer, lr_at
+from jobs.core.probe import features, knn_top1
+from jobs.core.visualize import reconstruction_grid, save_png
 from mae_model import MaskedAutoencoder
 from mae_model.parallelize import mixed_precision, parallelize
 from pipeline.dataset import iter_kwargs
@@ -80,7 +80,7 @@ def _init_from(model, uri: str, rank: int) -> None:
         set_model_state_dict,
     )
 
-    from jobs.ckpt import init_state_dict
+    from jobs.core.weights import init_state_dict
     sd = init_state_dict(uri, model.config, verbose=(rank == 0))
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
     if rank == 0:

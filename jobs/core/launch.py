@@ -1,0 +1,188 @@
+"""Launching a pretraining run: the plan the driver makes (batch, steps, schedule, probe and
+picture images) and the TorchTrainer that runs :mod:`jobs.core.trainer` on every worker.
+
+Used by ``mae pretrain``, ``mae tune`` (one call per trial) and ``mae demo``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from jobs.core import checkpoint as ckpt
+from jobs.core.common import UserError
+from jobs.core.config import PretrainConfig
+from pipeline.dataset import build_dataset
+from pipeline.sources import SourceInfo, resolve
+from pipeline.storage import fsspec_fs, parse_uri, pyarrow_fs, read_bytes, storage_errors
+
+
+def run_dir_of(cfg: PretrainConfig) -> str:
+    return str(parse_uri(cfg.run.storage_path).join(cfg.run.name))
+
+
+def _labeled_images(cfg: PretrainConfig, split: str, n: int) -> tuple[list[bytes], list[int]]:
+    """Up to n (image bytes, label) of a split, spread evenly over the split's files."""
+    info = resolve(cfg.data.source, split, cfg.data.val_fraction or 0.2, cfg.data.seed)
+    if info.kind == "parquet":
+        import pyarrow.parquet as pq
+        fs, _ = pyarrow_fs(info.uri)
+        # Evenly spaced over the whole split (shards are sorted by key, i.e. by class): read the
+        # label column everywhere, the image column only of files that hold a chosen row.
+        rows = []
+        for f in info.files:
+            labs = pq.read_table(f, filesystem=fs, columns=["label"])["label"].to_pylist()
+            rows += [(f, i, lab) for i, lab in enumerate(labs) if lab is not None]
+        chosen = [rows[int(j)] for j in np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int))] \
+            if rows else []
+        pairs = []
+        for f in dict.fromkeys(c[0] for c in chosen):
+            idx = [c[1] for c in chosen if c[0] == f]
+            images = pq.read_table(f, filesystem=fs, columns=["image"])["image"].take(idx).to_pylist()
+            pairs += list(zip(images, [c[2] for c in chosen if c[0] == f]))
+    else:
+        from pipeline.sources import label_of, relative_key
+        fs, _ = fsspec_fs(info.uri)
+        idx = {c: i for i, c in enumerate(info.classes or [])}
+        step = max(1, len(info.files) // max(1, n))
+        pairs = [(fs.cat_file(p), label_of(relative_key(parse_uri(info.uri), p), idx)) for p in info.files[::step][:n]]
+        pairs = [(i, lab) for i, lab in pairs if lab is not None]
+    if not pairs:
+        raise UserError(f"{cfg.data.source}: the {split!r} split has no labeled images for the k-NN probe")
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _patches(cfg: PretrainConfig, datas: list[bytes], labels=None):
+    """Eval transform (resize + center crop) -> uint8 patches; undecodable images dropped."""
+    from pipeline.decode import SkipImage
+    from pipeline.transforms import transform_image
+    ecfg = cfg.data.transform()
+    ecfg = type(ecfg)(**{**ecfg.__dict__, "train": False})
+    out, keep = [], []
+    for i, d in enumerate(datas):
+        try:
+            out.append(transform_image(d, ecfg, np.random.default_rng(0)))
+            keep.append(i)
+        except SkipImage:
+            continue
+    arr = np.stack(out) if out else None
+    return (arr, np.asarray([labels[i] for i in keep], np.int64)) if labels is not None else arr
+
+
+def probe_data(cfg: PretrainConfig) -> dict | None:
+    """Held-out labeled images for the in-training k-NN probe (the tuning objective)."""
+    if not cfg.train.knn_eval:
+        return None
+    tr, tr_y = _patches(cfg, *_labeled_images(cfg, "train", cfg.train.knn_train_images))
+    va, va_y = _patches(cfg, *_labeled_images(cfg, "val", cfg.train.knn_val_images))
+    return {"train": tr, "train_y": tr_y, "val": va, "val_y": va_y}
+
+
+def _vis_images(cfg: PretrainConfig, info: SourceInfo, n: int) -> list[bytes]:
+    """A fixed set of validation images: the val split when there is one, else the first
+    images of the training source (sorted by key), so pictures compare across steps."""
+    if n <= 0:
+        return []
+    src = info
+    if info.kind == "parquet" and "val" in info.manifest.get("splits", {}):
+        src = resolve(cfg.data.source, "val")
+    if src.kind == "parquet":
+        import pyarrow.parquet as pq
+        fs, _ = pyarrow_fs(src.uri)
+        out = []
+        for f in src.files:
+            t = pq.read_table(f, filesystem=fs, columns=["image"])
+            out.extend(t["image"].to_pylist()[: n - len(out)])
+            if len(out) >= n:
+                break
+        return out
+    fs, _ = fsspec_fs(src.uri)
+    return [fs.cat_file(p) for p in src.files[:n]]
+
+
+def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float) -> dict:
+    from jobs.core.optim import scaled_lr
+
+    mcfg = cfg.model.build()
+    world = cfg.scaling.num_workers
+    global_batch = cfg.train.batch_size * world * cfg.optim.accum_steps
+    rows = info.num_rows
+    if not rows:
+        raise UserError(f"{cfg.data.source}: the dataset holds no images")
+    steps_per_epoch = rows // global_batch
+    if steps_per_epoch < 1:
+        raise UserError(f"{cfg.data.source}: {rows} images are fewer than one global batch of "
+                        f"{global_batch} (batch_size x workers x accum_steps): lower train.batch_size")
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0 else round(cfg.optim.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, total)
+    peak = cfg.optim.lr if cfg.optim.lr > 0 else scaled_lr(cfg.optim.base_lr, global_batch)
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if cfg.scaling.use_gpu else "fp32")
+    vis = None
+    imgs = _patches(cfg, _vis_images(cfg, info, cfg.train.vis_images))
+    if imgs is not None:
+        rng = np.random.default_rng(cfg.train.seed + 12345)
+        vis = {"patches": imgs, "noise": rng.random((len(imgs), mcfg.num_patches)).astype(np.float32)}
+    return {"run_dir": run_dir_of(cfg), "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total, "warmup_steps": warmup, "peak_lr": peak, "precision": precision,
+            "flops_per_image": mcfg.train_flops_per_image(), "rows": rows, "t_launch": t_launch,
+            "config_yaml": cfg.to_yaml(), "vis": vis, "probe": probe_data(cfg)}
+
+
+def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None):
+    """Build and run the TorchTrainer. Returns (ray.train.Result, plan)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.core.trainer import train_loop_per_worker
+
+    t_launch = t_launch or time.time()
+    run_dir = run_dir_of(cfg)
+    latest = ckpt.latest_complete(run_dir)
+    start_epoch = ckpt.read_train_state(latest["uri"])["epoch"] if latest else 0
+    u = parse_uri(run_dir)
+    fs, p = fsspec_fs(u)
+    with storage_errors(u):
+        if fs.exists(f"{p}/FAILED.json"):
+            fs.rm(f"{p}/FAILED.json")  # a new attempt resumes from the last good checkpoint
+    ds, info = build_dataset(cfg.data, epoch_offset=start_epoch)
+    plan = make_plan(cfg, info, t_launch)
+    # Save the resolved config with the run (credentials never appear in it: they are not config).
+    from pipeline.storage import write_bytes
+    write_bytes(u.join("config.yaml"), cfg.to_yaml().encode())
+    if verbose:
+        print(f"[mae] run {run_dir}: {plan['rows']} images, global batch {plan['global_batch']}, "
+              f"{plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), warmup {plan['warmup_steps']}, "
+              f"peak lr {plan['peak_lr']:.3g}, {cfg.scaling.num_workers} workers, {plan['precision']}"
+              + (f"; resuming from {latest['uri']}" if latest else ""), flush=True)
+
+    storage_fs, storage_root = pyarrow_fs(cfg.run.storage_path)
+    if parse_uri(cfg.run.storage_path).scheme == "file":
+        os.makedirs(storage_root, exist_ok=True)
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage_root, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    return result, plan
+
+
+def failure_of(cfg: PretrainConfig) -> str | None:
+    u = parse_uri(run_dir_of(cfg)).join("FAILED.json")
+    try:
+        return json.loads(read_bytes(u))["error"]
+    except Exception:  # noqa: BLE001 - no failure recorded
+        return None
