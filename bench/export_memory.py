@@ -61,16 +61,11 @@ def main() -> None:
         floor, _ = peak_rss_mib([sys.executable, "-c", "import torch, jobs.ckpt, mae_model"])
         ours, t_ours = peak_rss_mib([sys.executable, "-m", "jobs.ckpt", "export", d,
                                      os.path.join(tmp, "out.safetensors"), "--format", "full"])
-        # torch's consolidation reads ".metadata": give it a view with that name
-        view = os.path.join(tmp, "view")
-        os.makedirs(view)
-        for f in os.listdir(d):
-            os.symlink(os.path.join(d, f), os.path.join(view, f))
-        os.symlink(os.path.join(d, ckpt.DCP_METADATA), os.path.join(view, ".metadata"))
+        # our checkpoints are standard DCP: torch's consolidation reads the directory as it is
         base, t_base = peak_rss_mib([sys.executable, "-c",
                                      "import sys; from torch.distributed.checkpoint.format_utils import "
                                      "dcp_to_torch_save as f; f(sys.argv[1], sys.argv[2])",
-                                     view, os.path.join(tmp, "out.pt")])
+                                     d, os.path.join(tmp, "out.pt")])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"preset {a.preset}: parameters {model_mib:.0f} MiB fp32; checkpoint on disk {ckpt_mib:.0f} MiB")

@@ -101,7 +101,7 @@ def baseline(keys, endpoint, cores, batch, epochs=1) -> float:
 def ours(shards_uri, batch, epochs=1) -> float:
     from pipeline.dataset import DataConfig, build_dataset
     cfg = DataConfig(source=shards_uri, img_size=224, patch_size=16, decode_batch_size=32)
-    ds, _ = build_dataset(cfg)
+    ds, _, _ = build_dataset(cfg)
     it = ds.iter_batches(batch_size=batch, batch_format="numpy")
     first = next(iter(it))  # pipeline start-up outside the timed region
     assert first["patches"].dtype == np.uint8

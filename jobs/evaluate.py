@@ -64,7 +64,7 @@ def extract(model: MaskedAutoencoder, source: str, split: str, limit: int | None
     c = model.config
     dcfg = DataConfig(source=source, split=split, img_size=c.img_size, patch_size=c.patch_size, augment=False,
                       shuffle=False, val_fraction=val_fraction, seed=seed, decode_batch_size=64)
-    ds, info = build_dataset(dcfg)
+    ds, info, _ = build_dataset(dcfg)
     if not info.labeled and info.kind == "images":
         raise UserError(f"{source}: no labels (use the class_name/file.jpg layout or prepared shards with classes)")
     if limit:

@@ -40,6 +40,8 @@ def trial_config(base: dict, params: dict, trial_name: str, tune_dir: str) -> Pr
     cfg.run.storage_path = str(parse_uri(tune_dir).join("trials"))
     cfg.run.name = trial_name
     cfg.train.knn_eval = True
+    if cfg.train.report_every == 0:  # the scheduler needs results between checkpoints
+        cfg.train.report_every = cfg.train.log_every
     return cfg.validate()
 
 

@@ -11,7 +11,6 @@ Corrupt, truncated, empty or non-image objects are skipped and counted by :class
 from __future__ import annotations
 
 import functools
-import json
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -96,6 +95,15 @@ def _stats_actor_cls():
         def reset(self):
             self.__init__()
 
+        # The position a restarted worker group resumes from (see Stream.locate). Read by each
+        # decode task once per read unit; set by rank 0 before any rank iterates.
+        def set_resume(self, run_id: str, item: int, row: int):
+            self.resume = {"run": run_id, "item": item, "row": row}
+
+        def get_resume(self, run_id: str):
+            r = getattr(self, "resume", None)
+            return (r["item"], r["row"]) if r and r["run"] == run_id else (0, 0)
+
     return PipelineStats
 
 
@@ -124,18 +132,13 @@ def _row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
 
 
-def _epoch() -> int:
-    from ray.data import DataContext
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
-
-
-def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch_offset: int,
-                 class_index: dict | None, root: str | None, stats) -> dict:
-    """{"image": bytes[n], "key"|"path": str[n], ["label"]} -> {"patches": uint8 [m, L, D], "label": int64 [m]}"""
+def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
+                 class_index: dict | None, root: str | None) -> tuple[dict, int, dict]:
+    """{"image": bytes[n], "key"|"path": str[n], ["label"]} -> ({"patches": uint8 [m, L, D],
+    "label": int64 [m]}, decoded count, {skip reason: [keys]}). Crops are seeded by (seed, epoch, key)."""
     images = batch["image"] if "image" in batch else batch["bytes"]
     keys = batch["key"] if "key" in batch else batch["path"]
     labels = batch.get("label")
-    epoch = epoch_offset + _epoch()
     L = (tcfg.img_size // tcfg.patch_size) ** 2
     out = np.empty((len(images), L, tcfg.patch_size**2 * 3), np.uint8)
     out_labels = np.full(len(images), -1, np.int64)
@@ -156,9 +159,7 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch_offset:
             lab = label_of(relative_key(root_uri, key), class_index)
             out_labels[n] = -1 if lab is None else lab
         n += 1
-    if stats is not None:
-        stats.record.remote(n, skipped)  # fire and forget
-    return {"patches": out[:n], "label": out_labels[:n]}
+    return {"patches": out[:n], "label": out_labels[:n]}, n, skipped
 
 
 # ---------------------------------------------------------------------------- the builder
@@ -187,7 +188,8 @@ def read_units(info: SourceInfo, rows_per_unit: int) -> list[dict]:
     units: list[dict] = []
     if info.kind == "images":
         for i in range(0, len(info.files), rows_per_unit):
-            units.append({"kind": "images", "files": info.files[i:i + rows_per_unit]})
+            files = info.files[i:i + rows_per_unit]
+            units.append({"kind": "images", "files": files, "rows": len(files)})
         return units
     import pyarrow.parquet as pq
     from concurrent.futures import ThreadPoolExecutor
@@ -207,71 +209,153 @@ def read_units(info: SourceInfo, rows_per_unit: int) -> list[dict]:
             cur.append(i)
             n += rows
             if n >= rows_per_unit:
-                units.append({"kind": "parquet", "file": path, "row_groups": cur})
+                units.append({"kind": "parquet", "file": path, "row_groups": cur, "rows": n})
                 cur, n = [], 0
         if cur:
-            units.append({"kind": "parquet", "file": path, "row_groups": cur})
+            units.append({"kind": "parquet", "file": path, "row_groups": cur, "rows": n})
     return units
 
 
-def load_and_decode(batch: dict, *, uri: str, decode_batch_size: int, **decode_kw) -> Iterator[dict]:
-    """One read unit -> decoded uint8 patch batches, streamed out as they are ready."""
+@dataclass(frozen=True)
+class Stream:
+    """The run's data order: epoch ``e`` reads every unit once, in a seeded permutation of its
+    own (``seed``, ``e``); item ``g`` of the stream is unit ``order(g // U)[g % U]``.
+
+    The order is the project's own (no Ray execution counter), so it is the same on every node
+    and in every attempt: a position counted in images maps back to (item, row) and a resumed run
+    or a restarted worker group continues the epoch count, file order and crop seeds where they were.
+    """
+    unit_rows: tuple[int, ...]
+    seed: int
+    shuffle: bool
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_rows)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return sum(self.unit_rows)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Unit indices in the order epoch ``epoch`` reads them."""
+        if not self.shuffle:
+            return np.arange(self.num_units)
+        return np.random.default_rng([self.seed, 1000003, epoch]).permutation(self.num_units)
+
+    def unit_of(self, item: int) -> tuple[int, int]:
+        """Stream item -> (epoch, unit index)."""
+        epoch, pos = divmod(item, self.num_units)
+        return epoch, int(self.order(epoch)[pos])
+
+    def locate(self, images: int) -> tuple[int, int]:
+        """The first ``images`` rows of the stream consumed -> (item, row) to continue from: whole
+        units are skipped without being read, then ``row`` rows of the next one before decoding.
+        (Images skipped as corrupt count as rows here, so a resume may repeat that many images.)"""
+        epoch, r = divmod(int(images), self.rows_per_epoch)
+        cum = np.cumsum(np.asarray(self.unit_rows)[self.order(epoch)])
+        pos = int(np.searchsorted(cum, r, side="right"))
+        row = r - (int(cum[pos - 1]) if pos else 0)
+        return epoch * self.num_units + pos, row
+
+
+def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream, start: tuple[int, int],
+                    decode_batch_size: int, run_id: str, stats, **decode_kw) -> Iterator[dict]:
+    """One stream item (a read unit in one epoch) -> decoded uint8 patch batches, streamed out.
+
+    Items before the start position (the driver's, or a later one that a restarted worker group of
+    ``run_id`` set on the stats actor) are dropped unread, and the first rows of the item at that
+    position before decoding. Decoded and skipped counts go to the stats actor once per unit."""
     import pyarrow.parquet as pq
-    unit = json.loads(batch["unit"][0])
+    item = int(batch["item"][0])
+    if stats is not None and run_id:
+        import ray
+        start = max(start, tuple(ray.get(stats.get_resume.remote(run_id))))
+    if item < start[0]:
+        return
+    first_row = start[1] if item == start[0] else 0
+    epoch, u = stream.unit_of(item)
+    unit = units[u]
     fs, _ = pyarrow_fs(uri)
     if unit["kind"] == "parquet":
         with storage_errors(f"{uri} ({unit['file']})"):
             with fs.open_input_file(unit["file"]) as f:
                 t = pq.ParquetFile(f).read_row_groups(unit["row_groups"], columns=["key", "image", "label"])
+        t = t.slice(first_row)
         keys, images, labels = t["key"].to_pylist(), t["image"].to_pylist(), t["label"].to_pylist()
     else:
-        keys, images, labels = unit["files"], [], None
+        keys, images, labels = unit["files"][first_row:], [], None
         for path in keys:
             try:
                 with fs.open_input_stream(path) as f:
                     images.append(f.read())
             except OSError:
                 images.append(b"")  # counted as a skip ("empty") by the decoder
+    ok, skipped = 0, {}
     for i in range(0, len(keys), decode_batch_size):
         sl = slice(i, i + decode_batch_size)
         part = {"key": keys[sl], "image": images[sl]}
         if labels is not None:
             part["label"] = labels[sl]
-        yield decode_batch(part, root=uri, **decode_kw)
+        out, n, sk = decode_batch(part, root=uri, epoch=epoch, **decode_kw)
+        ok += n
+        for reason, ks in sk.items():
+            skipped.setdefault(reason, []).extend(ks)
+        yield out
+    if stats is not None:
+        stats.record.remote(ok, skipped)  # fire and forget, once per unit
 
 
-def build_dataset(cfg: DataConfig, *, epoch_offset: int = 0, source: SourceInfo | None = None):
-    """-> (ray.data.Dataset of {"patches", "label"}, SourceInfo). Streaming; nothing materialized.
+def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int) -> dict:
+    """{"id": [i]} -> {"item": the stream items of epoch ``first_epoch + i`` from ``first_item`` on}."""
+    e = first_epoch + int(batch["id"][0])
+    lo = max(e * num_units, first_item)
+    return {"item": np.arange(lo, (e + 1) * num_units, dtype=np.int64)}
 
-    The dataset is a list of read units (one block each) whose order is reshuffled on every
-    execution (= epoch), seeded; each unit is read and decoded by one task that streams uint8
-    patch batches out. epoch_offset: the epoch the first pass counts as (a resumed run passes
-    the epoch it resumes in, so that augmentations and file order continue as uninterrupted).
+
+def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run_id: str = "",
+                  source: SourceInfo | None = None):
+    """-> (ray.data.Dataset of {"patches", "label"}, SourceInfo, Stream). Streaming; nothing
+    materialized.
+
+    One execution spans ``epochs`` epochs from the position ``start_image`` (images consumed so
+    far): the next epoch's first units are read and decoded while the last ones of this epoch
+    train, with no drain and restart in between. Each stream item is one read unit, read and
+    decoded by one task. ``run_id`` names the run whose resume position (set on the stats actor by
+    a restarted worker group) the decode tasks honour.
     """
     import ray.data
-    from ray.data._internal.random_config import RandomSeedConfig
 
     configure_context(cfg)
     info = source or resolve(cfg.source, cfg.split, cfg.val_fraction, cfg.seed)
     units = read_units(info, cfg.rows_per_unit)
     if not units:
         raise StorageError(f"{cfg.source}: no data to read for split {cfg.split!r}")
-    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-    if cfg.shuffle and not cfg.deterministic:
-        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.seed + 1000003 * epoch_offset,
-                                                            reseed_after_execution=True))
+    stream = Stream(tuple(int(u["rows"]) for u in units), cfg.seed, bool(cfg.shuffle and not cfg.deterministic))
+    first_item, first_row = stream.locate(start_image)
+    first_epoch = first_item // stream.num_units
+    last_epoch = max(first_epoch + 1, start_image // max(1, stream.rows_per_epoch) + epochs)
+    n = last_epoch - first_epoch
+    # Epochs -> their items (tiny rows) -> one item per block -> one decode task per item.
+    ds = ray.data.range(n, override_num_blocks=n)
+    ds = ds.map_batches(_items_of_epoch, batch_size=1, num_cpus=0.01,
+                        fn_kwargs={"num_units": stream.num_units, "first_epoch": first_epoch,
+                                   "first_item": first_item})
+    ds = ds.repartition(target_num_rows_per_block=1)
     class_index = {c: i for i, c in enumerate(info.classes)} if (info.classes and info.kind == "images") else None
-    fn = functools.partial(load_and_decode, uri=info.uri, decode_batch_size=cfg.decode_batch_size,
-                           tcfg=cfg.transform(), seed=cfg.seed, epoch_offset=epoch_offset,
-                           class_index=class_index, stats=stats_actor())
+    stats = stats_actor()
+    fn = functools.partial(load_and_decode, uri=info.uri, units=units, stream=stream, start=(first_item, first_row),
+                           decode_batch_size=cfg.decode_batch_size, run_id=run_id, stats=stats,
+                           tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index)
     ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
                         concurrency=cfg.decode_concurrency)
-    return ds, info
+    return ds, info, stream
 
 
-def iter_kwargs(cfg: DataConfig, batch_size: int, epoch: int = 0) -> dict:
-    """Keyword arguments for ``iter_torch_batches`` on the trainer side."""
+def iter_kwargs(cfg: DataConfig, batch_size: int, seed_salt: int = 0) -> dict:
+    """Keyword arguments for ``iter_torch_batches`` on the trainer side (one call per attempt:
+    the stream spans the run's epochs). ``seed_salt`` varies the buffer's shuffle per rank/attempt."""
     kw = {"batch_size": batch_size, "prefetch_batches": cfg.prefetch_batches, "drop_last": True}
     if cfg.shuffle and not cfg.deterministic and cfg.shuffle_buffer > 0:
-        kw.update(local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.seed + 7919 * epoch)
+        kw.update(local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.seed + 7919 * seed_salt)
     return kw

@@ -210,3 +210,91 @@ def write_bytes(uri: str | URI, data: bytes) -> None:
 
 def to_uri_string(scheme: str, path: str) -> str:
     return path if scheme == "file" else f"{scheme}://{path}"
+
+
+# ---------------------------------------------------------------------------- a directory, once
+def fsspec_options(uri: str | URI, endpoint: str | None = None) -> dict:
+    """Storage options that make ``fsspec.url_to_fs(str(uri), **options)`` the same filesystem as
+    :func:`fsspec_fs` (for torch's DCP ``FsspecReader``, which builds its own)."""
+    u = uri if isinstance(uri, URI) else parse_uri(uri)
+    if u.scheme == "s3":
+        kw = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}}, "use_listings_cache": False}
+        ep = endpoint_url(endpoint)
+        if ep:
+            kw.update(endpoint_url=ep, client_kwargs={"region_name": _region()})
+        return kw
+    if u.scheme == "gs":
+        return {"use_listings_cache": False}
+    return {}
+
+
+class Store:
+    """A directory on storage resolved once (URI, fsspec filesystem, path) and handed down, so
+    that helpers do not re-parse the same URI string. Every call raises a one-line
+    :class:`StorageError` naming the object."""
+
+    def __init__(self, uri: str | URI, *, _fs=None):
+        self.uri = uri if isinstance(uri, URI) else parse_uri(uri)
+        self.fs, self.path = (_fs, self.uri.path) if _fs is not None else fsspec_fs(self.uri)
+        self.path = self.path.rstrip("/")
+
+    def __str__(self) -> str:
+        return str(self.uri)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.uri)!r})"
+
+    def child(self, *parts: str) -> "Store":
+        return Store(self.uri.join(*parts), _fs=self.fs)
+
+    def key(self, name: str = "") -> str:
+        return f"{self.path}/{name.strip('/')}" if name else self.path
+
+    def uri_of(self, name: str = "") -> str:
+        return str(self.uri.join(name)) if name else str(self.uri)
+
+    def read(self, name: str) -> bytes:
+        with storage_errors(self.uri_of(name)):
+            return self.fs.cat_file(self.key(name))
+
+    def read_if_exists(self, name: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist; any other error raises."""
+        try:
+            with storage_errors(self.uri_of(name)):
+                return self.fs.cat_file(self.key(name))
+        except StorageError as e:
+            if "not found" in str(e):
+                return None
+            raise
+
+    def write(self, name: str, data: bytes) -> None:
+        with storage_errors(self.uri_of(name)):
+            if self.uri.scheme == "file":
+                os.makedirs(os.path.dirname(self.key(name)), exist_ok=True)
+            self.fs.pipe_file(self.key(name), data)
+
+    def exists(self, name: str = "") -> bool:
+        with storage_errors(self.uri_of(name)):
+            return self.fs.exists(self.key(name))
+
+    def put(self, local_path: str, name: str) -> None:
+        with storage_errors(self.uri_of(name)):
+            if self.uri.scheme == "file":
+                os.makedirs(os.path.dirname(self.key(name)), exist_ok=True)
+            self.fs.put_file(local_path, self.key(name))
+
+    def get(self, name: str, local_path: str) -> None:
+        with storage_errors(self.uri_of(name)):
+            self.fs.get_file(self.key(name), local_path)
+
+    def ls(self, name: str = "") -> list[str]:
+        """Names directly under ``name`` (one listing request)."""
+        with storage_errors(self.uri_of(name)):
+            return [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.key(name), detail=False)]
+
+    def rm(self, names: list[str]) -> None:
+        """Delete these objects (one bulk request on object stores)."""
+        if not names:
+            return
+        with storage_errors(self.uri_of(names[0])):
+            self.fs.rm([self.key(n) for n in names])

@@ -14,7 +14,7 @@ from jobs.core import checkpoint as ckpt
 from jobs.ckpt import main
 from jobs.core.weights import export, init_state_dict, pull, select
 from mae_model import MaskedAutoencoder, load_official_state_dict, mae_vit_micro_patch4
-from pipeline.storage import fsspec_fs, parse_uri, write_bytes
+from pipeline.storage import Store, fsspec_fs, parse_uri, write_bytes
 
 pytestmark = [pytest.mark.s3]
 
@@ -30,12 +30,17 @@ def write_checkpoint(model, opt, run_uri: str, step: int, loss: float, tmp) -> s
     local.mkdir()
     cfg = yaml.safe_dump({"model": {"preset": "mae_vit_micro_patch4", "overrides": {}},
                           "train": {"best_metric": "loss"}})
-    ckpt.write_local(model, opt, str(local), rank=0, config_yaml=cfg,
-                     train_state={"step": step, "metrics": {"loss": loss}, "time": time.time()})
-    uri = str(parse_uri(run_uri).join(ckpt.ckpt_name(step)))
+    files = ckpt.write_local(model, opt, str(local), rank=0, config_yaml=cfg,
+                             train_state={"step": step, "metrics": {"loss": loss}, "time": time.time()})
+    man = ckpt.write_manifest(str(local), [files], 1)
+    name = ckpt.ckpt_name(step)
+    uri = str(parse_uri(run_uri).join(name))
     fs, p = fsspec_fs(uri)
     fs.put(str(local) + "/", p, recursive=True)
-    ckpt.finalize(uri, 1)
+    run = Store(run_uri)
+    fin = ckpt.Finalizer(run, keep_last=10, best_metric="loss")
+    fin.finalize({"name": name, "step": step, "complete": True, "metrics": {"loss": loss},
+                  "bytes": man["total_bytes"], "time": time.time()})
     return uri
 
 

@@ -82,7 +82,7 @@ def test_every_valid_image_once_per_epoch_across_two_consumers(prepared):
     ray.get(stats.reset.remote())
     cfg = DataConfig(source=dst, split="train", img_size=32, patch_size=4, augment=False,
                      decode_batch_size=4, rows_per_unit=6)
-    ds, info = build_dataset(cfg)
+    ds, info, _ = build_dataset(cfg)
     assert info.kind == "parquet" and info.num_rows == m["splits"]["train"]["count"]
     # Ground truth: decode each stored image on the driver with the same eval transform.
     import pyarrow.parquet as pq
@@ -122,7 +122,7 @@ def test_image_folder_source_skips_and_counts_bad_files(src_dir, bucket, ray_clu
     ray.get(stats.reset.remote())
     cfg = DataConfig(source=f"s3://{bucket}/raw", img_size=32, patch_size=4, decode_batch_size=8,
                      rows_per_unit=8)
-    ds, info = build_dataset(cfg)
+    ds, info, _ = build_dataset(cfg)
     assert info.kind == "images" and info.classes == sorted(CLASSES)
     rows = 0
     labels = []

@@ -20,7 +20,7 @@ BASE = ["model.preset=mae_vit_micro_patch4", "data.rows_per_unit=16", "data.deco
         f"train.batch_size={BATCH}", f"train.max_steps={STEPS}", "train.log_every=4", "train.ckpt_every=16",
         "train.vis_images=0", "train.knn_train_images=128", "train.knn_val_images=48",
         "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0", f"scaling.num_workers={WORKERS}",
-        "run.max_failures=0"]
+        "train.min_report_interval_s=0", "run.max_failures=0"]
 
 
 @pytest.fixture(scope="module")

@@ -1,41 +1,49 @@
-"""Sharded, self-describing checkpoints on object storage.
+"""Sharded, self-describing checkpoints on object storage, at a cost that does not grow with the run.
 
 Layout of one checkpoint (a directory under the run directory)::
 
     RUN/checkpoint_00001000/
-        dcp.metadata, __0_0.distcp, __1_0.distcp, ... torch.distributed.checkpoint shards
-                                                     (model + optimizer, resharding on load)
-        rng_rank0.pt, ...                            per-rank RNG states
-        train_state.json                             step, epoch, position in epoch, metrics
+        .metadata, __0_0.distcp, __1_0.distcp, ...  standard torch.distributed.checkpoint (DCP):
+                                                     model + optimizer, resharding on load; torch's
+                                                     own FileSystemReader / dcp_to_torch_save read it
+        rng_rank0.pt, ...                            per-rank RNG states (tensors only: weights_only)
+        train_state.json                             step, images seen (the data position), metrics
         config.yaml                                  the resolved run config
-        manifest_rank0.json, ...                     per-rank files with sizes and sha256
-        manifest.json                                all files, merged (for `mae ckpt pull`)
+        manifest.json                                every file with size and sha256 (`mae ckpt pull`)
         COMPLETE                                     written last: only then does it count
+    RUN/checkpoints.json                             the index: kept checkpoints with their metrics
 
-Each rank writes its shard locally and hands the directory to ``ray.train.report`` (Ray merges
-the ranks' directories in storage); after a barrier rank 0 writes the merged manifest and the
-marker. A checkpoint without ``COMPLETE`` is never taken as the latest.
+Saving: each rank writes its DCP shard locally and computes its files' hashes; the per-rank file
+lists are gathered on rank 0 (one small collective, no reads from storage), which adds
+``manifest.json``; the directories go up through ``ray.train.report`` (Ray merges the ranks' files
+in storage); after a barrier rank 0's :class:`Finalizer` thread writes the marker, the index and
+prunes, off the training path. Its requests per save are constant: the index is kept in memory,
+pruning is decided from it, and a pruned directory is emptied by one listing of that directory.
+
+Loading: one choice of checkpoint for all ranks (rank 0 reads the index and broadcasts), then
+every rank reads only the byte ranges it needs straight from storage (DCP's fsspec reader).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
 import re
-import shutil
-import tempfile
+import threading
 import time
 
 import numpy as np
 import torch
 
-from pipeline.storage import URI, fsspec_fs, parse_uri, read_bytes, storage_errors, write_bytes
+from pipeline.storage import URI, StorageError, Store, fsspec_options
 
 MARKER = "COMPLETE"
 PRUNED = "PRUNED"
-DCP_METADATA = "dcp.metadata"  # DCP's ".metadata", renamed: Ray's upload skips hidden files
+METADATA = ".metadata"            # DCP's own name: the directory is a standard DCP checkpoint
+LEGACY_METADATA = "dcp.metadata"  # what checkpoints of earlier versions hold instead
 INDEX = "checkpoints.json"
 _NAME = re.compile(r"^checkpoint_(\d{8,})$")
 
@@ -62,39 +70,67 @@ def file_manifest(local_dir: str) -> dict[str, dict]:
     return out
 
 
+def _store(run: str | URI | Store) -> Store:
+    return run if isinstance(run, Store) else Store(run)
+
+
 # ---------------------------------------------------------------------------- discovery
-def list_checkpoints(run_dir: str | URI) -> list[dict]:
-    """All checkpoint directories under a run, oldest first: {name, step, uri, complete}."""
-    u = run_dir if isinstance(run_dir, URI) else parse_uri(run_dir)
-    fs, p = fsspec_fs(u)
-    with storage_errors(u):
-        if not fs.exists(p):
-            return []
-        entries = fs.ls(p, detail=False)
+def list_checkpoints(run_dir: str | URI | Store) -> list[dict]:
+    """Every checkpoint directory of a run, oldest first: {name, step, uri, complete}. Lists the
+    run directory and asks each for its marker: for ``mae ckpt list``, never on the training path."""
+    run = _store(run_dir)
+    if not run.exists():
+        return []
     out = []
-    for e in entries:
-        name = e.rstrip("/").rsplit("/", 1)[-1]
+    for name in run.ls():
         m = _NAME.match(name)
-        if not m:
-            continue
-        with storage_errors(u):
-            complete = fs.exists(f"{p.rstrip('/')}/{name}/{MARKER}")
-        out.append({"name": name, "step": int(m.group(1)), "uri": str(u.join(name)), "complete": complete})
+        if m:
+            out.append({"name": name, "step": int(m.group(1)), "uri": run.uri_of(name),
+                        "complete": run.exists(f"{name}/{MARKER}")})
     return sorted(out, key=lambda d: d["step"])
 
 
-def latest_complete(run_dir: str | URI) -> dict | None:
-    done = [c for c in list_checkpoints(run_dir) if c["complete"]]
-    return done[-1] if done else None
+def read_index(run: Store) -> list[dict] | None:
+    """The run's index (oldest first), or None when there is none yet. A damaged or unreadable
+    index raises: it is never taken as "no checkpoints" (that would prune every kept one)."""
+    raw = run.read_if_exists(INDEX)
+    if raw is None:
+        return None
+    try:
+        index = json.loads(raw)
+        assert isinstance(index, list) and all("step" in e and "name" in e for e in index)
+    except Exception:  # noqa: BLE001 - one line naming the file
+        raise StorageError(f"{run.uri_of(INDEX)}: the checkpoint index is damaged: restore it, or delete it "
+                           "to rebuild it from a listing of the run directory") from None
+    return sorted(index, key=lambda e: e["step"])
 
 
-def read_train_state(ckpt_uri: str) -> dict:
-    return json.loads(read_bytes(parse_uri(ckpt_uri).join("train_state.json")))
+def latest_complete(run_dir: str | URI | Store) -> dict | None:
+    """The newest complete checkpoint {name, step, uri, complete}: from the index (two requests,
+    whatever the run's length), or from a listing for a run without an index."""
+    run = _store(run_dir)
+    index = read_index(run)
+    if index is None:
+        done = [c for c in list_checkpoints(run) if c["complete"]]
+        return done[-1] if done else None
+    for e in reversed(index):
+        if e.get("complete") and run.exists(f"{e['name']}/{MARKER}"):
+            return {"name": e["name"], "step": e["step"], "uri": run.uri_of(e["name"]), "complete": True}
+    return None
+
+
+def read_train_state(ckpt_uri: str | URI | Store) -> dict:
+    return json.loads(_store(ckpt_uri).read("train_state.json"))
 
 
 # ---------------------------------------------------------------------------- save
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG streams as tensors and plain numbers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, pstate, pgauss = random.getstate()
+    s = {"torch": torch.get_rng_state(),
+         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+         "python": [version, list(pstate), pgauss]}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state()
     return s
@@ -102,112 +138,148 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, pstate, pgauss = s["python"]
+    random.setstate((version, tuple(pstate), pgauss))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def write_local(model, optimizer, local_dir: str, *, rank: int, train_state: dict, config_yaml: str) -> None:
-    """Collective: every rank writes its DCP shard (+ RNG, + manifest) into ``local_dir``."""
+def write_local(model, optimizer, local_dir: str, *, rank: int, train_state: dict, config_yaml: str) -> dict:
+    """Collective: every rank writes its DCP shard and RNG state into ``local_dir`` (rank 0 also
+    the train state and config). Returns this rank's files with size and sha256."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local_dir)
-    if rank == 0:  # hidden files are not uploaded by Ray: store DCP's ".metadata" visibly
-        os.replace(os.path.join(local_dir, ".metadata"), os.path.join(local_dir, DCP_METADATA))
     torch.save(rng_state(), os.path.join(local_dir, f"rng_rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(local_dir, "train_state.json"), "w") as f:
             json.dump(train_state, f, indent=1)
         with open(os.path.join(local_dir, "config.yaml"), "w") as f:
             f.write(config_yaml)
-    files = file_manifest(local_dir)
-    with open(os.path.join(local_dir, f"manifest_rank{rank}.json"), "w") as f:
-        json.dump(files, f)
+    return file_manifest(local_dir)
 
 
-def finalize(ckpt_uri: str, world_size: int) -> dict:
-    """Rank 0, after every rank's upload: merged manifest, then the marker (last)."""
-    u = parse_uri(ckpt_uri)
+def write_manifest(local_dir: str, files_per_rank: list[dict], world_size: int) -> dict:
+    """Rank 0, before the upload: every rank's files (gathered in memory) -> ``manifest.json``."""
     files: dict[str, dict] = {}
-    for r in range(world_size):
-        files.update(json.loads(read_bytes(u.join(f"manifest_rank{r}.json"))))
+    for f in files_per_rank:
+        files.update(f)
     manifest = {"files": files, "total_bytes": sum(f["size"] for f in files.values()),
                 "world_size": world_size, "created": time.time()}
-    write_bytes(u.join("manifest.json"), json.dumps(manifest, indent=1).encode())
-    write_bytes(u.join(MARKER), b"ok\n")
+    with open(os.path.join(local_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
     return manifest
 
 
-def update_index_and_prune(run_dir: str, entry: dict, keep_last: int, best_metric: str) -> list[str]:
-    """Rank 0: record the new checkpoint in the run's index; delete all but the last
-    ``keep_last`` complete checkpoints and the best one (lower ``best_metric`` is better).
-    Incomplete checkpoints older than the newest complete one are removed too."""
-    u = parse_uri(run_dir)
-    try:
-        index = json.loads(read_bytes(u.join(INDEX)))
-    except Exception:  # noqa: BLE001 - first checkpoint, or an unreadable index: rebuild
-        index = []
-    index = [e for e in index if e["step"] != entry["step"]] + [entry]
-    index.sort(key=lambda e: e["step"])
-    complete = [e for e in index if e.get("complete")]
-    keep = {e["step"] for e in complete[-keep_last:]}
-    scored = [e for e in complete if isinstance(e.get("metrics", {}).get(best_metric), (int, float))]
-    if scored:
-        keep.add(min(scored, key=lambda e: e["metrics"][best_metric])["step"])
-    newest = complete[-1]["step"] if complete else -1
-    removed = []
-    fs, base = fsspec_fs(u)
-    for c in list_checkpoints(u):
-        if c["step"] in keep or c["step"] > newest:
-            continue
-        d = f"{base.rstrip('/')}/{c['name']}"
-        with storage_errors(c["uri"]):
-            if fs.exists(f"{d}/{PRUNED}"):
-                continue
-            fs.rm(f"{d}/{MARKER}")  # first: never a half-deleted "complete" checkpoint
-            fs.rm(d, recursive=True)
-        # Ray Train's run snapshot still lists this directory and refuses to resume a run whose
-        # checkpoints vanished: leave the (emptied) directory with a note in it.
-        write_bytes(parse_uri(c["uri"]).join(PRUNED), b"pruned: not among the last/best checkpoints kept\n")
-        removed.append(c["name"])
-    index = [e for e in index if e["name"] not in removed]
-    write_bytes(u.join(INDEX), json.dumps(index, indent=1).encode())
-    return removed
+class Finalizer:
+    """Rank 0: marks uploaded checkpoints complete, keeps the index and prunes, in a background
+    thread (one save at a time; the next save, and the end of the attempt, wait for it).
+
+    The index is read once per attempt and then kept in memory, so a save costs the same number of
+    requests at step 1 and at step 500,000: the marker, the index, and for each checkpoint that
+    falls out (normally one) its marker removed, a ``PRUNED`` note, one listing of that directory
+    and one bulk delete."""
+
+    def __init__(self, run: Store, keep_last: int, best_metric: str, log=print):
+        self.run, self.keep_last, self.best_metric, self.log = run, keep_last, best_metric, log
+        index = read_index(run)
+        if index is None:  # a run of an earlier version, or none yet: rebuild from one listing
+            index = [{"name": c["name"], "step": c["step"], "complete": True, "metrics": {}}
+                     for c in list_checkpoints(run) if c["complete"]]
+        self.index = index
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, entry: dict) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(entry,), daemon=True, name="mae-finalize")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _run(self, entry: dict) -> None:
+        try:
+            t0 = time.perf_counter()
+            self.finalize(entry)
+            removed = self.prune()
+            self.log(f"[mae] checkpoint {self.run.uri_of(entry['name'])} complete "
+                     f"({entry.get('bytes', 0) / 2**20:.1f} MiB; finalized in {time.perf_counter() - t0:.1f}s)"
+                     + (f"; removed {', '.join(removed)}" if removed else ""))
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
+            self._error = e
+
+    def finalize(self, entry: dict) -> None:
+        self.run.write(f"{entry['name']}/{MARKER}", b"ok\n")  # after every rank's upload: now it counts
+        self.index = [e for e in self.index if e["step"] != entry["step"]] + [entry]
+        self.index.sort(key=lambda e: e["step"])
+        self._write_index()
+
+    def keep(self) -> set[int]:
+        complete = [e for e in self.index if e.get("complete")]
+        keep = {e["step"] for e in complete[-self.keep_last:]}
+        scored = [e for e in complete if isinstance(e.get("metrics", {}).get(self.best_metric), (int, float))]
+        if scored:
+            keep.add(min(scored, key=lambda e: e["metrics"][self.best_metric])["step"])
+        return keep
+
+    def prune(self) -> list[str]:
+        keep = self.keep()
+        gone = [e for e in self.index if e["step"] not in keep]
+        for e in gone:
+            name = e["name"]
+            self.run.rm([f"{name}/{MARKER}"])  # first: never a half-deleted "complete" checkpoint
+            # Ray Train's run snapshot still lists this directory and refuses to resume a run whose
+            # checkpoints vanished: the note stays, and is written before any file goes.
+            self.run.write(f"{name}/{PRUNED}", b"pruned: not among the last/best checkpoints kept\n")
+            self.run.rm([f"{name}/{n}" for n in self.run.ls(name) if n != PRUNED])
+        if gone:
+            self.index = [e for e in self.index if e["step"] in keep]
+            self._write_index()
+        return [e["name"] for e in gone]
+
+    def _write_index(self) -> None:
+        self.run.write(INDEX, json.dumps(self.index, indent=1).encode())
 
 
 # ---------------------------------------------------------------------------- load
-def download(ckpt_uri: str) -> str:
-    """Copy a checkpoint directory to a local temporary directory, ready for ``dcp.load``."""
-    u = parse_uri(ckpt_uri)
-    local = tempfile.mkdtemp(prefix="mae-ckpt-")
-    fs, p = fsspec_fs(u)
-    with storage_errors(u):
-        fs.get(p.rstrip("/") + "/", local + "/", recursive=True)
-    meta = os.path.join(local, DCP_METADATA)
-    if os.path.exists(meta):
-        os.replace(meta, os.path.join(local, ".metadata"))
-    return local
+def dcp_reader(ckpt: Store):
+    """A DCP storage reader straight on the checkpoint directory: each rank reads only the byte
+    ranges of the shards it needs (no download of the whole checkpoint)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    if ckpt.uri.scheme == "file":
+        return FileSystemReader(ckpt.path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # torch's own, not re-exported
+    return FsspecReader(str(ckpt.uri), **fsspec_options(ckpt.uri))
 
 
-def load_into(model, optimizer, local_dir: str, *, rank: int, load_optimizer: bool = True) -> None:
-    """Collective: load (and reshard) model and optimizer state; restore this rank's RNG if the
-    checkpoint has one for it (a different world size gives fresh per-rank streams)."""
+def load_into(model, optimizer, ckpt: Store, *, rank: int, load_optimizer: bool = True,
+              restore_rng: bool = True) -> bool:
+    """Collective: load (and reshard) model and optimizer state from storage; restore this rank's
+    RNG when asked and the checkpoint has it. Returns whether the RNG was restored."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    if not ckpt.exists(METADATA):
+        raise StorageError(f"{ckpt}: no DCP {METADATA}: a checkpoint of an earlier version (with "
+                           f"{LEGACY_METADATA}); rename that file to {METADATA} in storage to resume it")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd} if load_optimizer else {"model": model_sd}
-    dcp.load(state, checkpoint_id=local_dir)
+    dcp.load(state, storage_reader=dcp_reader(ckpt))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"] if load_optimizer else optim_sd)
-    rng = os.path.join(local_dir, f"rng_rank{rank}.pt")
-    if os.path.exists(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
-
-
-def cleanup_local(path: str) -> None:
-    if path.startswith(tempfile.gettempdir()):
-        shutil.rmtree(path, ignore_errors=True)
+    if restore_rng:
+        raw = ckpt.read_if_exists(f"rng_rank{rank}.pt")
+        if raw is not None:  # plain tensors and numbers: a writable bucket cannot run code here
+            set_rng_state(torch.load(io.BytesIO(raw), weights_only=True))
+            return True
+    return False

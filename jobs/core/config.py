@@ -56,13 +56,18 @@ class TrainSection:
     batch_size: int = _f(64, "images per worker per micro-batch")
     seed: int = _f(0, "seed of init, masking and data order")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
-    log_every: int = _f(20, "optimizer steps between log lines / metric reports")
+    log_every: int = _f(20, "optimizer steps between log lines (console, metrics.jsonl, TensorBoard; rank 0, local)")
+    report_every: int = _f(0, "optimizer steps between metric reports to Ray (what a Tune scheduler sees); "
+                              "0: only at checkpoints. Each report is a barrier of every worker")
+    min_report_interval_s: float = _f(10.0, "a report not carrying a checkpoint is skipped when the last one "
+                                            "was sooner than this (Train V2's controller polls every ~2 s)")
     ckpt_every: int = _f(1000, "optimizer steps between checkpoints (and one at the end)")
     keep_last: int = _f(3, "complete checkpoints to keep (plus the best)")
-    best_metric: str = _f("loss", "metric that picks the kept best checkpoint (lower is better)")
+    best_metric: str = _f("loss", "metric that picks the kept best checkpoint (lower is better; '' for none)")
     vis_every: int = _f(0, "steps between reconstruction pictures (0: at checkpoints and the end)")
     vis_images: int = _f(8, "validation images in the reconstruction picture")
-    knn_eval: bool = _f(False, "k-NN top-1 on held-out labeled images at every log step (the tuning objective)")
+    knn_eval: bool = _f(False, "k-NN top-1 on held-out labeled images at every report (the tuning objective)")
+    knn_feature: str = _f("cls", "feature the reported knn_top1 is measured on: cls (token) or mean (of patches)")
     knn_train_images: int = _f(512, "k-NN memory bank: labeled images of the train split")
     knn_val_images: int = _f(256, "k-NN scored images: the val split")
     reshard_after_forward: bool = _f(True, "FSDP2: free gathered params after forward (less memory)")
@@ -132,6 +137,11 @@ class PretrainConfig:
                 raise ConfigError(f"{name}={v!r} is out of range")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas={o.betas!r}: two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if t.knn_feature not in ("cls", "mean"):
+            raise ConfigError(f"train.knn_feature={t.knn_feature!r}: cls or mean")
+        if t.report_every < 0 or t.min_report_interval_s < 0:
+            raise ConfigError(f"train.report_every={t.report_every} / train.min_report_interval_s="
+                              f"{t.min_report_interval_s}: must be >= 0")
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={t.precision!r}: auto, bf16 or fp32")
         if t.precision == "bf16" and not s.use_gpu:

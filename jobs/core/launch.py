@@ -18,7 +18,7 @@ from jobs.core.common import UserError
 from jobs.core.config import PretrainConfig
 from pipeline.dataset import build_dataset
 from pipeline.sources import SourceInfo, resolve
-from pipeline.storage import fsspec_fs, parse_uri, pyarrow_fs, read_bytes, storage_errors
+from pipeline.storage import Store, fsspec_fs, parse_uri, pyarrow_fs, read_bytes
 
 
 def run_dir_of(cfg: PretrainConfig) -> str:
@@ -104,12 +104,27 @@ def _vis_images(cfg: PretrainConfig, info: SourceInfo, n: int) -> list[bytes]:
     return [fs.cat_file(p) for p in src.files[:n]]
 
 
-def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float) -> dict:
+def batch_plan(cfg: PretrainConfig, resumed: dict | None) -> tuple[int, int]:
+    """-> (global batch, accumulation steps). A resumed run keeps the global batch it was saved
+    with, so that its schedule, epochs and images seen continue unchanged: with another number of
+    workers the accumulation steps absorb the difference, or the resume is refused in one line."""
+    per_step = cfg.train.batch_size * cfg.scaling.num_workers
+    accum = cfg.optim.accum_steps
+    if not resumed or "global_batch" not in resumed or resumed["global_batch"] == per_step * accum:
+        return per_step * accum, accum
+    saved = resumed["global_batch"]
+    if saved % per_step:
+        raise UserError(f"resume with {cfg.scaling.num_workers} workers x train.batch_size={cfg.train.batch_size}: "
+                        f"the run's global batch {saved} is not a multiple of {per_step}; choose "
+                        "train.batch_size and scaling.num_workers whose product divides it")
+    return saved, saved // per_step
+
+
+def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: dict | None = None) -> dict:
     from jobs.core.optim import scaled_lr
 
     mcfg = cfg.model.build()
-    world = cfg.scaling.num_workers
-    global_batch = cfg.train.batch_size * world * cfg.optim.accum_steps
+    global_batch, accum = batch_plan(cfg, resumed)
     rows = info.num_rows
     if not rows:
         raise UserError(f"{cfg.data.source}: the dataset holds no images")
@@ -127,10 +142,10 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float) -> dict:
     if imgs is not None:
         rng = np.random.default_rng(cfg.train.seed + 12345)
         vis = {"patches": imgs, "noise": rng.random((len(imgs), mcfg.num_patches)).astype(np.float32)}
-    return {"run_dir": run_dir_of(cfg), "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
-            "total_steps": total, "warmup_steps": warmup, "peak_lr": peak, "precision": precision,
-            "flops_per_image": mcfg.train_flops_per_image(), "rows": rows, "t_launch": t_launch,
-            "config_yaml": cfg.to_yaml(), "vis": vis, "probe": probe_data(cfg)}
+    return {"run_dir": run_dir_of(cfg), "global_batch": global_batch, "accum_steps": accum,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup, "peak_lr": peak,
+            "precision": precision, "flops_per_image": mcfg.train_flops_per_image(), "rows": rows,
+            "t_launch": t_launch, "config_yaml": cfg.to_yaml(), "vis": vis, "probe": probe_data(cfg)}
 
 
 def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None):
@@ -139,26 +154,31 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     from ray.train.torch import TorchTrainer
 
     from jobs.core.trainer import train_loop_per_worker
+    from pipeline.dataset import stats_actor
 
     t_launch = t_launch or time.time()
-    run_dir = run_dir_of(cfg)
-    latest = ckpt.latest_complete(run_dir)
-    start_epoch = ckpt.read_train_state(latest["uri"])["epoch"] if latest else 0
-    u = parse_uri(run_dir)
-    fs, p = fsspec_fs(u)
-    with storage_errors(u):
-        if fs.exists(f"{p}/FAILED.json"):
-            fs.rm(f"{p}/FAILED.json")  # a new attempt resumes from the last good checkpoint
-    ds, info = build_dataset(cfg.data, epoch_offset=start_epoch)
-    plan = make_plan(cfg, info, t_launch)
+    run = Store(run_dir_of(cfg))
+    latest = ckpt.latest_complete(run)
+    resumed = ckpt.read_train_state(run.child(latest["name"])) if latest else None
+    if run.exists("FAILED.json"):
+        run.rm(["FAILED.json"])  # a new attempt resumes from the last good checkpoint
+    info = resolve(cfg.data.source, cfg.data.split, cfg.data.val_fraction, cfg.data.seed)
+    plan = make_plan(cfg, info, t_launch, resumed)
+    start = resumed.get("images_seen", resumed["step"] * plan["global_batch"]) if resumed else 0
+    # One stream for the rest of the run, plus a spare epoch for images skipped as corrupt.
+    epochs = math.ceil(max(0, plan["total_steps"] * plan["global_batch"] - start) / plan["rows"]) + 1
+    ds, info, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
+    plan.update(stream={"unit_rows": stream.unit_rows, "seed": stream.seed, "shuffle": stream.shuffle},
+                stats_actor=stats_actor())
     # Save the resolved config with the run (credentials never appear in it: they are not config).
-    from pipeline.storage import write_bytes
-    write_bytes(u.join("config.yaml"), cfg.to_yaml().encode())
+    run.write("config.yaml", cfg.to_yaml().encode())
     if verbose:
-        print(f"[mae] run {run_dir}: {plan['rows']} images, global batch {plan['global_batch']}, "
+        accum = (f", accum {plan['accum_steps']} (keeps the saved global batch)"
+                 if plan["accum_steps"] != cfg.optim.accum_steps else "")
+        print(f"[mae] run {run}: {plan['rows']} images, global batch {plan['global_batch']}{accum}, "
               f"{plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), warmup {plan['warmup_steps']}, "
               f"peak lr {plan['peak_lr']:.3g}, {cfg.scaling.num_workers} workers, {plan['precision']}"
-              + (f"; resuming from {latest['uri']}" if latest else ""), flush=True)
+              + (f"; resuming from {latest['uri']} ({start} images seen)" if latest else ""), flush=True)
 
     storage_fs, storage_root = pyarrow_fs(cfg.run.storage_path)
     if parse_uri(cfg.run.storage_path).scheme == "file":

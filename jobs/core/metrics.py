@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pipeline.storage import fsspec_fs, parse_uri, storage_errors
+from pipeline.storage import Store
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; anything else is measured, never invented.
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -75,10 +75,11 @@ def fmt_eta(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Rank 0 only. ``log`` writes everywhere; ``sync`` copies the files to the run directory."""
+    """Rank 0 only. ``log`` writes local files; ``sync`` copies them to the run directory (a
+    :class:`~pipeline.storage.Store`) at checkpoints and at the end, so a resumed run keeps its history."""
 
-    def __init__(self, local_dir: str, run_dir: str, total_steps: int):
-        self.local_dir, self.run_dir, self.total_steps = local_dir, run_dir, total_steps
+    def __init__(self, local_dir: str, run: Store, total_steps: int):
+        self.local_dir, self.run, self.total_steps = local_dir, run, total_steps
         os.makedirs(local_dir, exist_ok=True)
         self.jsonl = os.path.join(local_dir, "metrics.jsonl")
         self._pull_history()
@@ -89,13 +90,16 @@ class MetricsLogger:
         except Exception:  # noqa: BLE001 - TensorBoard is optional at run time
             self.tb = None
 
+    def _same_place(self) -> bool:
+        # An object-store key never equals the local scratch path; a local run dir might.
+        return self.run.uri.scheme == "file" and os.path.abspath(self.run.path) == os.path.abspath(self.local_dir)
+
     def _pull_history(self) -> None:
-        u = parse_uri(self.run_dir).join("metrics.jsonl")
-        fs, p = fsspec_fs(u)
-        with storage_errors(u):
-            # An object-store key never equals the local scratch path; a local run dir might.
-            if fs.exists(p) and (u.scheme != "file" or os.path.abspath(p) != os.path.abspath(self.jsonl)):
-                fs.get(p, self.jsonl)
+        if not self._same_place():
+            raw = self.run.read_if_exists("metrics.jsonl")
+            if raw is not None:
+                with open(self.jsonl, "wb") as f:
+                    f.write(raw)
 
     def log(self, step: int, metrics: dict, line: str | None = None) -> None:
         rec = {"step": step, "time": time.time(), **metrics}
@@ -110,27 +114,17 @@ class MetricsLogger:
             print(line, flush=True)
 
     def sync(self) -> None:
-        u = parse_uri(self.run_dir)
-        fs, p = fsspec_fs(u)
-        with storage_errors(u):
-            if u.scheme == "file":
-                os.makedirs(p, exist_ok=True)
-                if os.path.abspath(p) == os.path.abspath(self.local_dir):
-                    return
-            fs.put(self.jsonl, f"{p.rstrip('/')}/metrics.jsonl")
-            tb = os.path.join(self.local_dir, "tb")
-            if os.path.isdir(tb):
-                for fn in os.listdir(tb):
-                    fs.put(os.path.join(tb, fn), f"{p.rstrip('/')}/tb/{fn}")
+        if self._same_place():
+            return
+        self.run.put(self.jsonl, "metrics.jsonl")
+        tb = os.path.join(self.local_dir, "tb")
+        if os.path.isdir(tb):
+            for fn in os.listdir(tb):
+                self.run.put(os.path.join(tb, fn), f"tb/{fn}")
 
     def put_file(self, local_path: str, name: str) -> str:
-        u = parse_uri(self.run_dir).join(name)
-        fs, p = fsspec_fs(u)
-        with storage_errors(u):
-            if u.scheme == "file":
-                os.makedirs(os.path.dirname(p), exist_ok=True)
-            fs.put(local_path, p)
-        return str(u)
+        self.run.put(local_path, name)
+        return self.run.uri_of(name)
 
     def close(self) -> None:
         if self.tb is not None:

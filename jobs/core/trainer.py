@@ -1,9 +1,13 @@
-"""The Ray Train worker loop: FSDP2 MAE, AdamW with warmup + cosine, DCP checkpoints.
+"""The Ray Train worker: FSDP2 MAE, AdamW with warmup + cosine, DCP checkpoints on storage.
 
 Runs in every Train worker. Its only contact with the data is
-``get_dataset_shard("train").iter_torch_batches(...)``; every Ray Data setting lives in
-``pipeline.dataset``. ``ray.train.report`` is a barrier in Train V2: every rank calls it at the
-same steps (log steps without a checkpoint, checkpoint steps with one).
+``get_dataset_shard("train").iter_torch_batches(...)``, one stream that spans the run's epochs
+(``pipeline.dataset``); every Ray Data setting lives there.
+
+The loop reads as the recipe: ``resume``, then per step ``train_step`` (accumulated micro-batches,
+clip, AdamW), ``log`` (rank 0, local files, every ``train.log_every``), ``report`` (to Ray, only at
+checkpoints and where a Tune scheduler needs a result: ``ray.train.report`` is a barrier of all
+workers behind a ~2 s controller poll) and ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -22,38 +27,20 @@ import torch.distributed as dist
 
 from jobs.core import checkpoint as ckpt
 from jobs.core.config import PretrainConfig
-from jobs.core.metrics import (
-    MetricsLogger,
-    fmt_eta,
-    local_state_mb,
-    peak_flops,
-    peak_memory_mb,
-)
+from jobs.core.metrics import MetricsLogger, fmt_eta, local_state_mb, peak_flops, peak_memory_mb
 from jobs.core.optim import build_optimizer, lr_at
 from jobs.core.probe import features, knn_top1
 from jobs.core.visualize import reconstruction_grid, save_png
 from mae_model import MaskedAutoencoder
 from mae_model.parallelize import mixed_precision, parallelize
-from pipeline.dataset import iter_kwargs
-from pipeline.storage import parse_uri, write_bytes
+from pipeline.dataset import Stream, iter_kwargs
+from pipeline.storage import Store
 
 warnings.filterwarnings("ignore", message=".*DTensor random operators.*")
 
 
-class NonFiniteLoss(RuntimeError):
+class DataExhausted(RuntimeError):
     pass
-
-
-def _all_min(x: float, group) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return float(t.item())
-
-
-def _all_sum(values: list[float], device, group=None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=group)
-    return t.tolist()
 
 
 def build_model(cfg: PretrainConfig, device: torch.device, mesh, precision: str, rank: int):
@@ -72,230 +59,308 @@ def build_model(cfg: PretrainConfig, device: torch.device, mesh, precision: str,
     return model
 
 
-def _init_from(model, uri: str, rank: int) -> None:
-    """Start from weights (``model.init_from``): an official MAE .pth, an export, or one of our
-    checkpoints; every rank loads the full CPU copy and keeps its own shard of it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-    )
+def masking_seed(seed: int, rank: int, step: int) -> int:
+    """A masking-noise stream of its own for every rank, derived from the step it starts at."""
+    return (seed * 1_000_003 + rank * 7919 + step * 104_729 + 1) % (2**63)
 
-    from jobs.core.weights import init_state_dict
-    sd = init_state_dict(uri, model.config, verbose=(rank == 0))
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
-    if rank == 0:
-        print(f"[mae] init_from {uri}: loaded {len(sd)} tensors", flush=True)
+
+class Trainer:
+    """One worker's part of a run. Built from the resolved config and the driver's plan."""
+
+    def __init__(self, cfg: PretrainConfig, plan: dict):
+        import ray.train
+        import ray.train.torch
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.cfg, self.plan = cfg, plan
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.precision = plan["precision"]
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        # Small host-side agreements (checkpoint choice, manifests, report timing) on a CPU group.
+        self.cpu_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
+        self.model = build_model(cfg, self.device, mesh, self.precision, self.rank)
+        self.opt = build_optimizer(self.model, lr=plan["peak_lr"], weight_decay=cfg.optim.weight_decay,
+                                   betas=cfg.optim.betas, device_type=self.device.type)
+        self.accum = plan["accum_steps"]
+        self.global_batch = plan["global_batch"]
+        self.total, self.warmup, self.peak = plan["total_steps"], plan["warmup_steps"], plan["peak_lr"]
+        self.run = Store(plan["run_dir"])
+        self.stream = Stream(**plan["stream"])
+        self.step, self.lr = 0, 0.0
+        self.scratch = tempfile.mkdtemp(prefix="mae-run-")
+        self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
+        self.finalizer = None
+        self.peak_fl, self.peak_how = peak_flops(self.device, self.precision)
+        self.vis = plan.get("vis")
+        self.probe = {k: torch.from_numpy(np.asarray(v)) for k, v in plan["probe"].items()} if plan.get("probe") else None
+        self.vis_every = cfg.train.vis_every or cfg.train.ckpt_every
+        self.first_log_done = False
+        self.last_report = time.monotonic()
+        self.hooks = [self._crash_once] if cfg.train.crash_at_step > 0 else []  # testing aid, off the hot path
+        self._reset_window()
+
+    # ------------------------------------------------------------------ helpers
+    def _broadcast(self, obj):
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self.cpu_group)
+        return box[0]
+
+    def _reset_window(self) -> None:
+        self.win = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0,
+                    "loss": torch.zeros((), device=self.device)}
+
+    def say(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, chosen once by rank 0 for every rank, read
+        by each rank straight from storage; else start fresh (optionally from ``init_from``)."""
+        choice = None
+        if self.rank == 0:
+            latest = ckpt.latest_complete(self.run)
+            if latest:
+                choice = {"uri": latest["uri"], "state": ckpt.read_train_state(self.run.child(latest["name"]))}
+            self.finalizer = ckpt.Finalizer(self.run, self.cfg.train.keep_last, self.cfg.train.best_metric)
+        choice = self._broadcast(choice)
+        if choice:
+            st = choice["state"]
+            if st.get("global_batch", self.global_batch) != self.global_batch:  # the driver adapts accum; guard
+                raise RuntimeError(f"resume: global batch {self.global_batch} != saved {st['global_batch']}")
+            same_world = st.get("world_size") == self.world
+            restored = ckpt.load_into(self.model, self.opt, Store(choice["uri"]), rank=self.rank,
+                                      restore_rng=same_world)
+            self.step = st["step"]
+            if not restored:  # another world size: fresh, distinct per-rank masking streams
+                torch.manual_seed(masking_seed(self.cfg.train.seed, self.rank, self.step))
+            self.say(f"[mae] resumed from {choice['uri']} at step {self.step} ({st['images_seen']} images) "
+                     f"with {self.world} workers (saved by {st['world_size']})")
+        else:
+            torch.manual_seed(masking_seed(self.cfg.train.seed, self.rank, 0))
+            if self.cfg.model.init_from:
+                self._init_from(self.cfg.model.init_from)
+        # The data continues where the chosen checkpoint's images end, also when this is a
+        # restarted worker group whose stream was built by the driver for an earlier position.
+        if self.rank == 0:
+            item, row = self.stream.locate(self.step * self.global_batch)
+            import ray
+            ray.get(self.plan["stats_actor"].set_resume.remote(str(self.run), item, row))
+        dist.barrier(group=self.cpu_group)
+
+    def _init_from(self, uri: str) -> None:
+        """Start from weights: read once (rank 0) and broadcast to the other ranks' shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from jobs.core.weights import init_state_dict
+        sd = init_state_dict(uri, self.model.config, verbose=True) if self.rank == 0 else {}
+        set_model_state_dict(self.model, sd, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=False))
+        self.say(f"[mae] init_from {uri}: loaded {len(sd)} tensors (broadcast from rank 0)")
+
+    # ------------------------------------------------------------------ steps
+    def next_batch(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        batch = next(self.batches, None)
+        self.win["wait"] += time.perf_counter() - t0
+        if batch is None:  # every rank gets the same number of batches (streaming_split equal=True)
+            raise DataExhausted(f"the data stream ended at step {self.step} of {self.total}: more images were "
+                                "skipped as corrupt than the plan's spare epoch covers; see the skip counts")
+        return batch["patches"].to(self.device, non_blocking=True)
+
+    def train_step(self) -> None:
+        """``accum`` micro-batches (gradient sync on the last only), clip, one AdamW step. All the
+        micro-batches are taken before any is run, so no partial accumulation reaches a step."""
+        patches = [self.next_batch() for _ in range(self.accum)]
+        for micro, x in enumerate(patches):
+            self.model.set_requires_gradient_sync(micro == self.accum - 1)
+            loss, _, _ = self.model(x)
+            (loss / self.accum).backward()
+            self.win["loss"] += loss.detach() / self.accum
+        self.lr = lr_at(self.step, peak=self.peak, warmup=self.warmup, total=self.total, min_lr=self.cfg.optim.min_lr)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        if self.cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.win["steps"] += 1
+
+    def metrics(self) -> dict:
+        """The window since the last call, averaged over ranks (one small all-reduce)."""
+        elapsed = time.perf_counter() - self.win["t0"]
+        t = torch.tensor([float(self.win["loss"]), self.win["wait"]], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        loss_sum, wait_sum = t.tolist()
+        steps = max(1, self.win["steps"])
+        ips = self.win["steps"] * self.global_batch / max(elapsed, 1e-9)
+        m = {"loss": loss_sum / self.world / steps, "lr": self.lr, "step": self.step,
+             "epoch": self.step * self.global_batch / self.stream.rows_per_epoch,
+             "images_seen": self.step * self.global_batch,
+             "throughput/images_per_s": ips,
+             "throughput/data_wait_share": wait_sum / self.world / max(elapsed, 1e-9),
+             "mfu": ips * self.plan["flops_per_image"] / (self.peak_fl * self.world),
+             "memory/peak_mb": peak_memory_mb(self.device),
+             "memory/param_optim_mb": local_state_mb(self.model, self.opt),
+             "_eta_s": (self.total - self.step) * elapsed / steps}
+        if not self.first_log_done:
+            m["time/launch_to_first_log_s"] = time.time() - self.plan["t_launch"]
+            self.first_log_done = True
+        self._reset_window()
+        return m
+
+    def check_finite(self, m: dict) -> bool:
+        if math.isfinite(m["loss"]):
+            return True
+        msg = (f"non-finite loss ({m['loss']}) at step {self.step}, lr {self.lr:.3g}: no checkpoint written; "
+               "try a lower optim.base_lr, optim.clip_grad=1.0, a longer warmup, or fp32 "
+               "(train.precision=fp32); resume restarts from the last good checkpoint")
+        if self.rank == 0:
+            self.run.write("FAILED.json", json.dumps({"error": msg, "step": self.step}).encode())
+            print(f"[mae] {msg}", flush=True)
+        import ray.train
+        # The objective is reported as worthless (0), so that a Tune scheduler counts the diverged
+        # trial instead of rejecting a result without its metric.
+        ray.train.report({"error": msg, "step": self.step, "loss": float("nan"), "knn_top1": 0.0,
+                          "images_seen": self.step * self.global_batch})
+        return False
+
+    def knn(self, m: dict) -> None:
+        """The tuning objective on held-out labeled images (every rank runs the collective forward)."""
+        ftr = features(self.model, self.probe["train"].to(self.device))
+        fva = features(self.model, self.probe["val"].to(self.device))
+        for kind in ("cls", "mean"):
+            m[f"knn_top1/{kind}"] = knn_top1(ftr[kind], self.probe["train_y"], fva[kind], self.probe["val_y"])
+        m["knn_top1"] = m[f"knn_top1/{self.cfg.train.knn_feature}"]
+
+    def log(self, m: dict) -> None:
+        if self.rank != 0:
+            return
+        knn = f" knn {100 * m['knn_top1']:.1f}%" if "knn_top1" in m else ""
+        self.logger.log(self.step, {k: v for k, v in m.items() if not k.startswith("_")}, line=(
+            f"[mae] step {self.step}/{self.total} epoch {m['epoch']:.2f} loss {m['loss']:.4f}{knn} lr {self.lr:.2e} "
+            f"{m['throughput/images_per_s']:.1f} img/s data-wait {100 * m['throughput/data_wait_share']:.0f}% "
+            f"mfu {100 * m['mfu']:.1f}% ({self.peak_how}) mem {m['memory/peak_mb']:.0f}MB eta {fmt_eta(m['_eta_s'])}"))
+
+    def report_due(self) -> bool:
+        """Rank 0's clock decides for all ranks whether a metrics-only report is due."""
+        due = time.monotonic() - self.last_report >= self.cfg.train.min_report_interval_s
+        return bool(self._broadcast(due))
+
+    def report(self, m: dict, checkpoint=None, name: str | None = None) -> None:
+        import ray.train
+        public = {k: v for k, v in m.items() if not k.startswith("_")}
+        if checkpoint is None:
+            ray.train.report(public)
+        else:
+            ray.train.report({**public, "checkpoint_step": self.step}, checkpoint=checkpoint, checkpoint_dir_name=name)
+        self.last_report = time.monotonic()
+
+    def checkpoint(self, m: dict) -> None:
+        """Collective: shards written locally, manifests gathered on rank 0, uploaded by Ray's
+        report; after a barrier (every upload done) rank 0's finalizer marks it complete."""
+        import ray.train
+        name = ckpt.ckpt_name(self.step)
+        local = tempfile.mkdtemp(prefix="mae-ckpt-", dir=self.scratch)
+        t0 = time.perf_counter()
+        state = {"step": self.step, "images_seen": self.step * self.global_batch,
+                 "epoch": self.step * self.global_batch // self.stream.rows_per_epoch,
+                 "metrics": {k: v for k, v in m.items() if not k.startswith("_")}, "world_size": self.world,
+                 "global_batch": self.global_batch, "accum_steps": self.accum, "time": time.time()}
+        files = ckpt.write_local(self.model, self.opt, local, rank=self.rank, train_state=state,
+                                 config_yaml=self.plan["config_yaml"])
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(files, gathered, dst=0, group=self.cpu_group)
+        if self.rank == 0:
+            self.finalizer.wait()  # the previous save is complete before this one counts
+            man = ckpt.write_manifest(local, gathered, self.world)
+            self.logger.sync()  # before the marker: a complete checkpoint implies its metrics are stored
+        self.report(m, checkpoint=ray.train.Checkpoint.from_directory(local), name=name)
+        dist.barrier(group=self.cpu_group)  # every rank's upload has finished
+        if self.rank == 0:
+            self.finalizer.submit({"name": name, "step": self.step, "complete": True, "metrics": state["metrics"],
+                                   "bytes": man["total_bytes"], "time": time.time()})
+            print(f"[mae] checkpoint {name} uploaded ({man['total_bytes'] / 2**20:.1f} MiB, "
+                  f"{time.perf_counter() - t0:.1f}s on the training path)", flush=True)
+        shutil.rmtree(local, ignore_errors=True)
+
+    def picture(self) -> None:
+        if not self.vis:
+            return
+        patches = torch.from_numpy(np.asarray(self.vis["patches"], dtype=np.uint8)).to(self.device)
+        noise = torch.from_numpy(np.asarray(self.vis["noise"], dtype=np.float32)).to(self.device)
+        self.model.eval()
+        img = reconstruction_grid(self.model, patches, noise)
+        self.model.train()
+        if self.rank == 0:
+            path = os.path.join(self.scratch, f"reconstruction_{self.step:08d}.png")
+            save_png(img, path)
+            self.logger.put_file(path, f"pictures/reconstruction_{self.step:08d}.png")
+            self.logger.put_file(path, "reconstruction_latest.png")
+
+    def _crash_once(self) -> None:
+        """Testing aid: SIGKILL rank 1 once at ``train.crash_at_step``."""
+        if self.step != self.cfg.train.crash_at_step or self.rank != min(1, self.world - 1):
+            return
+        if not self.run.exists("crash_injected"):
+            self.run.write("crash_injected", b"1")
+            print(f"[mae] testing aid: SIGKILL rank {self.rank} (pid {os.getpid()}) at step {self.step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        import ray.train
+        t = self.cfg.train
+        self.resume()
+        shard = ray.train.get_dataset_shard("train")
+        self.batches = iter(shard.iter_torch_batches(**iter_kwargs(self.cfg.data, t.batch_size, self.rank)))
+        self.model.train()
+        start = self.step
+        while self.step < self.total:
+            self.train_step()
+            for hook in self.hooks:
+                hook()
+            last = self.step == self.total
+            stop = t.stop_after_steps > 0 and self.step - start >= t.stop_after_steps
+            is_ckpt = self.step % t.ckpt_every == 0 or last or stop
+            is_report = t.report_every > 0 and self.step % t.report_every == 0 and not is_ckpt
+            is_log = self.step % t.log_every == 0 or is_ckpt or is_report
+            if not is_log:
+                continue
+            if is_report:
+                is_report = self.report_due()
+            m = self.metrics()
+            if not self.check_finite(m):
+                return
+            if self.probe is not None and (is_report or is_ckpt):
+                self.knn(m)
+            self.log(m)
+            if self.step % self.vis_every == 0 or last or stop:
+                self.picture()
+            if is_ckpt:
+                self.checkpoint(m)
+            elif is_report:
+                self.report(m)
+            if stop:
+                break
+
+    def close(self) -> None:
+        try:
+            if self.rank == 0:
+                if self.finalizer is not None:
+                    self.finalizer.wait()
+                self.logger.sync()
+                self.logger.close()
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    from torch.distributed.device_mesh import init_device_mesh
-
-    cfg = PretrainConfig.from_dict(config["cfg"])
-    plan = config["plan"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    precision = plan["precision"]
-    mesh = init_device_mesh(device.type, (world,))
-    # End-of-data agreement on a CPU group: no GPU sync per step.
-    flag_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
-    t_launch = plan["t_launch"]
-
-    model = build_model(cfg, device, mesh, precision, rank)
-    opt = build_optimizer(model, lr=plan["peak_lr"], weight_decay=cfg.optim.weight_decay,
-                          betas=cfg.optim.betas, device_type=device.type)
-    total, warmup, peak = plan["total_steps"], plan["warmup_steps"], plan["peak_lr"]
-    accum, B = cfg.optim.accum_steps, cfg.train.batch_size
-    run_dir = plan["run_dir"]
-
-    # ---------------------------------------------------------------- resume or start
-    # Looked up here, not on the driver: after a worker failure Ray Train restarts this
-    # function, which must continue from the newest *complete* checkpoint.
-    step, epoch, batch_in_epoch = 0, 0, 0
-    latest = ckpt.latest_complete(run_dir)
-    if latest:
-        st = ckpt.read_train_state(latest["uri"])
-        local = ckpt.download(latest["uri"])
-        ckpt.load_into(model, opt, local, rank=rank)
-        step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
-        ckpt.cleanup_local(local)
-        if rank == 0:
-            print(f"[mae] resumed from {latest['uri']} at step {step} (epoch {epoch}, "
-                  f"batch {batch_in_epoch}) with {world} workers (saved by {st['world_size']})", flush=True)
-    else:
-        torch.manual_seed(cfg.train.seed * 1000 + 17 * rank + 1)  # masking noise stream per rank
-        if cfg.model.init_from:
-            _init_from(model, cfg.model.init_from, rank)
-
-    logger = None
-    scratch = tempfile.mkdtemp(prefix="mae-run-")
-    if rank == 0:
-        logger = MetricsLogger(os.path.join(scratch, "run"), run_dir, total)
-    peak_fl, peak_how = peak_flops(device, precision)
-    flops_per_img = plan["flops_per_image"]
-    vis = plan.get("vis")
-    vis_patches = torch.from_numpy(np.asarray(vis["patches"], dtype=np.uint8)).to(device) if vis else None
-    vis_noise = torch.from_numpy(np.asarray(vis["noise"], dtype=np.float32)).to(device) if vis else None
-    probe = plan.get("probe")
-    if probe:
-        probe = {k: torch.from_numpy(np.asarray(v)) for k, v in probe.items()}
-    vis_every = cfg.train.vis_every or cfg.train.ckpt_every
-
-    shard = ray.train.get_dataset_shard("train")
-    model.train()
-    attempt_start_step = step
-    first_step_logged = False
-    win = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": torch.zeros((), device=device)}
-
-    def report(metrics: dict, with_ckpt: bool) -> None:
-        nonlocal win
-        if not with_ckpt:
-            ray.train.report(metrics)
-            return
-        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "metrics": metrics,
-                 "world_size": world, "global_batch": plan["global_batch"], "time": time.time()}
-        local = tempfile.mkdtemp(prefix="mae-ckpt-")
-        t0 = time.perf_counter()
-        ckpt.write_local(model, opt, local, rank=rank, train_state=state, config_yaml=plan["config_yaml"])
-        name = ckpt.ckpt_name(step)
-        ray.train.report({**metrics, "checkpoint_step": step},
-                         checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
-        dist.barrier()  # every rank's upload has finished
-        if rank == 0:
-            uri = str(parse_uri(run_dir).join(name))
-            logger.sync()  # before the marker: a complete checkpoint implies its metrics are stored
-            man = ckpt.finalize(uri, world)
-            removed = ckpt.update_index_and_prune(
-                run_dir, {"name": name, "step": step, "uri": uri, "complete": True, "metrics": metrics,
-                          "bytes": man["total_bytes"], "time": time.time()},
-                cfg.train.keep_last, cfg.train.best_metric)
-            print(f"[mae] checkpoint {uri} ({man['total_bytes'] / 2**20:.1f} MiB, "
-                  f"{time.perf_counter() - t0:.1f}s){' removed ' + ', '.join(removed) if removed else ''}",
-                  flush=True)
-        ckpt.cleanup_local(local)
-        dist.barrier()
-
-    def picture() -> None:
-        if vis_patches is None:
-            return
-        model.eval()
-        img = reconstruction_grid(model, vis_patches, vis_noise)
-        model.train()
-        if rank == 0:
-            path = os.path.join(scratch, f"reconstruction_{step:08d}.png")
-            save_png(img, path)
-            logger.put_file(path, f"pictures/reconstruction_{step:08d}.png")
-            logger.put_file(path, "reconstruction_latest.png")
-
-    stop = False
-    while step < total and not stop:
-        steps_at_epoch_start = step
-        it = iter(shard.iter_torch_batches(**iter_kwargs(cfg.data, B, epoch)))
-        for _ in range(batch_in_epoch):  # resume inside an epoch: skip what was consumed
-            if next(it, None) is None:
-                break
-        end_of_epoch = False
-        while step < total:
-            for micro in range(accum):
-                t0 = time.perf_counter()
-                batch = next(it, None)
-                win["wait"] += time.perf_counter() - t0
-                # All ranks agree on the end of data, so that collectives stay matched.
-                if _all_min(0.0 if batch is None else 1.0, flag_group) == 0.0:
-                    end_of_epoch = True
-                    break
-                patches = batch["patches"].to(device, non_blocking=True)
-                model.set_requires_gradient_sync(micro == accum - 1)
-                loss, _, _ = model(patches)
-                (loss / accum).backward()
-                win["loss"] += loss.detach() / accum
-                batch_in_epoch += 1
-            if end_of_epoch:
-                opt.zero_grad(set_to_none=True)  # a partial accumulation is dropped
-                break
-            lr = lr_at(step, peak=peak, warmup=warmup, total=total, min_lr=cfg.optim.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            win["steps"] += 1
-
-            if cfg.train.crash_at_step == step and rank == min(1, world - 1):
-                marker = parse_uri(run_dir).join("crash_injected")
-                from pipeline.storage import exists
-                if not exists(marker):
-                    write_bytes(marker, b"1")
-                    print(f"[mae] testing aid: SIGKILL rank {rank} (pid {os.getpid()}) at step {step}", flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            is_log = step % cfg.train.log_every == 0 or step == total
-            is_ckpt = step % cfg.train.ckpt_every == 0 or step == total
-            is_stop = cfg.train.stop_after_steps > 0 and step - attempt_start_step >= cfg.train.stop_after_steps
-            is_vis = step % vis_every == 0 or step == total or is_stop
-            if not (is_log or is_ckpt or is_stop):
-                continue
-            elapsed = time.perf_counter() - win["t0"]
-            loss_sum, wait_sum = _all_sum([float(win["loss"]), win["wait"]], device)
-            mean_loss = loss_sum / world / max(1, win["steps"])
-            if not math.isfinite(mean_loss):
-                msg = (f"non-finite loss ({mean_loss}) at step {step}, lr {lr:.3g}: no checkpoint written; "
-                       "try a lower optim.base_lr, optim.clip_grad=1.0, a longer warmup, or fp32 "
-                       "(train.precision=fp32); resume restarts from the last good checkpoint")
-                if rank == 0:
-                    write_bytes(parse_uri(run_dir).join("FAILED.json"),
-                                json.dumps({"error": msg, "step": step}).encode())
-                    print(f"[mae] {msg}", flush=True)
-                # The objective is reported as worthless (0), so that a Tune scheduler counts the
-                # diverged trial instead of rejecting a result without its metric.
-                ray.train.report({"error": msg, "step": step, "loss": float("nan"), "knn_top1": 0.0,
-                                  "images_seen": step * plan["global_batch"]})
-                return
-            imgs = win["steps"] * plan["global_batch"]
-            ips = imgs / max(elapsed, 1e-9)
-            metrics = {
-                "loss": mean_loss, "lr": lr, "epoch": epoch, "step": step,
-                "throughput/images_per_s": ips,
-                "throughput/data_wait_share": wait_sum / world / max(elapsed, 1e-9),
-                "mfu": ips * flops_per_img / (peak_fl * world),
-                "memory/peak_mb": peak_memory_mb(device),
-                "memory/param_optim_mb": local_state_mb(model, opt),
-                "images_seen": step * plan["global_batch"],
-            }
-            if probe is not None:  # every rank runs the (collective) forward; all get the result
-                ftr = features(model, probe["train"].to(device))
-                fva = features(model, probe["val"].to(device))
-                for kind in ("cls", "mean"):
-                    metrics[f"knn_top1/{kind}"] = knn_top1(ftr[kind], probe["train_y"], fva[kind], probe["val_y"])
-                metrics["knn_top1"] = max(metrics["knn_top1/cls"], metrics["knn_top1/mean"])
-            if not first_step_logged:
-                metrics["time/launch_to_first_log_s"] = time.time() - t_launch
-                first_step_logged = True
-            if rank == 0:
-                eta = (total - step) * elapsed / max(1, win["steps"])
-                knn = f" knn {100 * metrics['knn_top1']:.1f}%" if "knn_top1" in metrics else ""
-                logger.log(step, metrics, line=(
-                    f"[mae] step {step}/{total} epoch {epoch} loss {mean_loss:.4f}{knn} lr {lr:.2e} "
-                    f"{ips:.1f} img/s data-wait {100 * metrics['throughput/data_wait_share']:.0f}% "
-                    f"mfu {100 * metrics['mfu']:.1f}% ({peak_how}) mem {metrics['memory/peak_mb']:.0f}MB "
-                    f"eta {fmt_eta(eta)}"))
-            if is_vis:
-                picture()
-            report(metrics, with_ckpt=is_ckpt or is_stop)
-            win = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": torch.zeros((), device=device)}
-            if is_stop:
-                stop = True
-                break
-        if end_of_epoch:
-            if step == steps_at_epoch_start and batch_in_epoch == 0:
-                raise RuntimeError(f"epoch {epoch} gave no full batch of {plan['global_batch']} images: "
-                                   "the dataset is smaller than the global batch; lower train.batch_size")
-            epoch += 1
-            batch_in_epoch = 0
-    if rank == 0:
-        logger.sync()
-        logger.close()
+    trainer = Trainer(PretrainConfig.from_dict(config["cfg"]), config["plan"])
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()

@@ -214,7 +214,7 @@ def pull(ckpt_uri: str, dest: str, *, workers: int = 8, progress: bool = True) -
 
 # ---------------------------------------------------------------------------- export
 class local_dcp_dir:
-    """A local checkpoint directory as ``dcp.load`` wants it: our ``dcp.metadata`` seen as
+    """A local checkpoint directory as ``dcp.load`` wants it: an earlier version's ``dcp.metadata`` seen as
     ``.metadata``, through a temporary directory of symlinks (the user's copy is not touched)."""
 
     def __init__(self, path: str):
@@ -224,13 +224,13 @@ class local_dcp_dir:
         if os.path.exists(os.path.join(self.path, ".metadata")):
             self.tmp = None
             return self.path
-        if not os.path.exists(os.path.join(self.path, ckpt.DCP_METADATA)):
-            raise UserError(f"{self.path}: not a checkpoint directory (no {ckpt.DCP_METADATA}); give a "
+        if not os.path.exists(os.path.join(self.path, ckpt.LEGACY_METADATA)):
+            raise UserError(f"{self.path}: not a checkpoint directory (no {ckpt.LEGACY_METADATA}); give a "
                             "directory made by `mae ckpt pull` or a checkpoint URI")
         self.tmp = tempfile.mkdtemp(prefix="mae-dcp-")
         for fn in os.listdir(self.path):
             os.symlink(os.path.join(self.path, fn), os.path.join(self.tmp, fn))
-        os.symlink(os.path.join(self.path, ckpt.DCP_METADATA), os.path.join(self.tmp, ".metadata"))
+        os.symlink(os.path.join(self.path, ckpt.LEGACY_METADATA), os.path.join(self.tmp, ".metadata"))
         return self.tmp
 
     def __exit__(self, *exc) -> None:
@@ -242,7 +242,7 @@ def local_checkpoint(src: str, tmp: str, *, progress: bool = False) -> str:
     """A checkpoint as a local directory ready for :func:`consolidate`: ``src`` itself if it is
     one (pulled, or written by a run on local disk), else ``src`` names a checkpoint or run
     directory (local or on a store) whose chosen checkpoint is pulled, verified, into ``tmp``."""
-    if os.path.isdir(src) and any(os.path.exists(os.path.join(src, m)) for m in (ckpt.DCP_METADATA, ".metadata")):
+    if os.path.isdir(src) and any(os.path.exists(os.path.join(src, m)) for m in (ckpt.LEGACY_METADATA, ".metadata")):
         if not os.path.exists(os.path.join(src, ckpt.MARKER)):
             raise UserError(f"{src}: incomplete checkpoint (no {ckpt.MARKER}): if `mae ckpt pull` made it, "
                             "run the same pull again to finish it")
