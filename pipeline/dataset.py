@@ -107,12 +107,20 @@ def _stats_actor_cls():
     return PipelineStats
 
 
+_STATS = None  # (job id, handle) of the driver's counters actor
+
+
 def stats_actor(create: bool = True):
     """The named counters actor of this Ray namespace (created on first use)."""
     import ray
+    global _STATS
     if create:
-        # Owned by the driver that builds the dataset: it lives as long as the job.
-        return _stats_actor_cls().options(name=STATS_ACTOR, get_if_exists=True).remote()
+        # Owned by the driver that builds the dataset; the module keeps a handle, so that the actor
+        # lives as long as the driver (not only as long as one dataset's references to it).
+        if _STATS is None or _STATS[0] != ray.get_runtime_context().get_job_id():
+            _STATS = (ray.get_runtime_context().get_job_id(),
+                      _stats_actor_cls().options(name=STATS_ACTOR, get_if_exists=True).remote())
+        return _STATS[1]
     try:
         return ray.get_actor(STATS_ACTOR)
     except ValueError:

@@ -53,6 +53,9 @@ class S3Server:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self._wait()
+        # Everything the code under test sends goes through a counting layer (tests/s3proxy.py).
+        from s3proxy import CountingProxy
+        self.proxy = CountingProxy(self.port)
 
     def _wait(self, timeout: float = 90.0) -> None:
         deadline = time.time() + timeout
@@ -83,11 +86,13 @@ class S3Server:
         return name
 
     def env(self) -> dict:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        return {"AWS_ENDPOINT_URL": self.proxy.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1",
                 "AWS_EC2_METADATA_DISABLED": "true"}
 
     def stop(self) -> None:
+        if getattr(self, "proxy", None) is not None:
+            self.proxy.stop()
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

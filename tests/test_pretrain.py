@@ -4,6 +4,8 @@ Each Ray Train run takes ~20 s to its first step here, so runs are few and small
 """
 
 import json
+import os
+import tempfile
 
 import pytest
 
@@ -37,70 +39,116 @@ def metrics_of(cfg):
     return [json.loads(x) for x in lines]
 
 
-def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(shards, bucket):
+class ReportCounter:
+    """A Ray Train callback (it runs on the controller) that appends every report it sees to a file."""
+
+    def __new__(cls, path):
+        import ray.train
+
+        class _Counter(ray.train.UserCallback):
+            def __init__(self, path):
+                self.path = path
+
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"step": metrics[0].get("step"), "checkpoint": checkpoint is not None}) + "\n")
+
+        return _Counter(path)
+
+
+def reports_in(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f]
+
+
+def scratch_dirs():
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith(("mae-run-", "mae-ckpt-"))}
+
+
+def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(shards, bucket, tmp_path):
     cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8")
-    result, plan = fit(cfg)
+    counter = str(tmp_path / "reports.jsonl")
+    before = scratch_dirs()
+    from ray.util.state import list_actors
+
+    def train_workers():
+        return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)}
+    earlier = train_workers()
+    result, plan = fit(cfg, callbacks=[ReportCounter(counter)])
     assert result.error is None
     m = metrics_of(cfg)
     losses = [r["loss"] for r in m]
     print("losses:", [round(x, 3) for x in losses])
-    assert len(losses) == 16
+    assert len(losses) == 16  # a log line at every step (train.log_every=1) ...
+    # ... but Ray saw only the two checkpoint reports: each is a barrier of every worker
+    assert reports_in(counter) == [{"step": 8, "checkpoint": True}, {"step": 16, "checkpoint": True}]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4  # it learns
     assert all(0 <= r["throughput/data_wait_share"] <= 1.0 + 1e-6 for r in m)
     run = run_dir_of(cfg)
     cks = ckpt.list_checkpoints(run)
     assert [c["step"] for c in cks] == [8, 16] and all(c["complete"] for c in cks)
     man = json.loads(read_bytes(f"{cks[-1]['uri']}/manifest.json"))
-    assert {"__0_0.distcp", "__1_0.distcp", "dcp.metadata", "train_state.json", "config.yaml"} <= set(man["files"])
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.json", "config.yaml"} <= set(man["files"])
     fs, _ = fsspec_fs(run)
     for name, info in man["files"].items():  # sizes in the manifest match what landed on S3
         assert fs.size(f"{cks[-1]['uri'][5:]}/{name}") == info["size"]
+    # a standard DCP checkpoint: torch's own tools read the directory as it is on storage
+    raw = tmp_path / "raw"
+    fs.get(cks[-1]["uri"][5:] + "/", str(raw) + "/", recursive=True)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(raw), str(tmp_path / "full.pt"))
+    import torch
+    full = torch.load(str(tmp_path / "full.pt"), weights_only=True)
+    assert full["model"]["cls_token"].shape[-1] == cfg.model.build().embed_dim and "optim" in full
+    st = ckpt.read_train_state(cks[-1]["uri"])
+    assert st["images_seen"] == 16 * plan["global_batch"]  # the data position, in images
     files = {p.rsplit("/", 1)[-1] for p, _ in list_files(run)}
-    assert {"metrics.jsonl", "config.yaml", "reconstruction_latest.png"} <= files
-    # the two workers ran on the two nodes
-    from ray.util.state import list_actors
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)]
-    assert len({a.node_id for a in workers}) == 2
+    assert {"metrics.jsonl", "config.yaml", "reconstruction_latest.png", "checkpoints.json"} <= files
+    # the two workers ran on two nodes
+    ours = {a: n for a, n in train_workers().items() if a not in earlier}
+    assert len(ours) == 2 and len(set(ours.values())) == 2
     # credentials never land in the saved config
     saved = read_bytes(f"{run}/config.yaml").decode()
-    import os
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in saved
+    # the workers' scratch directories went with the attempt
+    assert scratch_dirs() <= before
 
 
-def test_exact_resume_matches_uninterrupted_run(shards, bucket):
-    common = ["train.max_steps=8", "train.ckpt_every=4", "scaling.num_workers=1", "data.deterministic=true",
+def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, bucket):
+    """1 worker, deterministic order: an interrupted-and-resumed run and a run whose worker is
+    SIGKILLed in its second epoch (the group restarts from its checkpoint) both reproduce the
+    uninterrupted run's losses: same batches, crops, masks and schedule, across the epoch boundary."""
+    common = ["train.max_steps=16", "train.ckpt_every=7", "scaling.num_workers=1", "data.deterministic=true",
               "data.augment=true"]
     full = config(shards, bucket, "exact-full", *common)
-    assert fit(full)[0].error is None
-    part = config(shards, bucket, "exact-resumed", *common, "train.stop_after_steps=4")
+    result, plan = fit(full)
+    assert result.error is None
+    assert 16 * plan["global_batch"] > plan["rows"]  # the run crosses into a second epoch
+    part = config(shards, bucket, "exact-resumed", *common, "train.stop_after_steps=7")
     assert fit(part)[0].error is None
-    assert ckpt.latest_complete(run_dir_of(part))["step"] == 4
+    assert ckpt.latest_complete(run_dir_of(part))["step"] == 7
     again = config(shards, bucket, "exact-resumed", *common)
     assert fit(again)[0].error is None
+    crash = config(shards, bucket, "exact-crash", *common, "train.crash_at_step=15")
+    assert fit(crash)[0].error is None
+    assert read_bytes(f"{run_dir_of(crash)}/crash_injected") == b"1"  # the kill happened
     a = {r["step"]: r for r in metrics_of(full)}
-    b = {r["step"]: r for r in metrics_of(again)}
-    assert sorted(b) == list(range(1, 9))  # continued at step 5, not from scratch
-    for s in range(1, 9):
-        assert b[s]["lr"] == pytest.approx(a[s]["lr"], rel=1e-12)  # the same schedule
-        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), s
-
-
-def test_sigkilled_worker_restarts_from_latest_checkpoint(shards, bucket):
-    cfg = config(shards, bucket, "crash", "train.max_steps=8", "train.ckpt_every=3", "train.crash_at_step=5")
-    result, _ = fit(cfg)
-    assert result.error is None
-    run = run_dir_of(cfg)
-    assert read_bytes(f"{run}/crash_injected") == b"1"  # the kill happened
-    m = metrics_of(cfg)
-    # History is synced at checkpoints: lines after checkpoint 3 were re-logged by the restarted
-    # group, which began at step 4 (its first log line carries the launch-to-first-step time).
-    assert [r["step"] for r in m] == list(range(1, 9))
-    restarted_at = [r["step"] for r in m if "time/launch_to_first_log_s" in r]
-    assert restarted_at == [1, 4]
-    assert ckpt.latest_complete(run)["step"] == 8
+    for run in (again, crash):
+        m = metrics_of(run)
+        b = {r["step"]: r for r in m}
+        assert sorted(b) == list(range(1, 17))
+        for s in range(1, 17):
+            assert b[s]["lr"] == pytest.approx(a[s]["lr"], rel=1e-12)  # the same schedule
+            assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), (run.run.name, s)
+    # the killed run: history synced at checkpoint 14, lines after it re-logged by the restarted
+    # group, which began at step 15 (its first log line carries the launch-to-first-step time)
+    restarted_at = [r["step"] for r in metrics_of(crash) if "time/launch_to_first_log_s" in r]
+    assert restarted_at == [1, 15]
+    assert ckpt.latest_complete(run_dir_of(crash))["step"] == 16
 
 
 def test_markerless_checkpoint_ignored_and_resume_with_other_worker_count(shards, bucket):
+    from jobs.core.optim import lr_at
     cfg = config(shards, bucket, "reshard", "train.max_steps=4", "train.ckpt_every=4")
     assert fit(cfg)[0].error is None
     run = run_dir_of(cfg)
@@ -108,11 +156,25 @@ def test_markerless_checkpoint_ignored_and_resume_with_other_worker_count(shards
     write_bytes(f"{run}/checkpoint_00000006/train_state.json", b'{"step": 6}')
     assert ckpt.latest_complete(run)["step"] == 4
     more = config(shards, bucket, "reshard", "train.max_steps=8", "train.ckpt_every=4", "scaling.num_workers=1")
-    assert fit(more)[0].error is None
-    steps = [r["step"] for r in metrics_of(more)]
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # resumed at 4 (not 6), finished with 1 worker
+    result, plan = fit(more)
+    assert result.error is None
+    m = metrics_of(more)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6, 7, 8]  # resumed at 4 (not 6), finished with 1 worker
+    # the global batch of the run is kept (2 workers x 8 -> 1 worker x 8 x 2 accumulated), so the
+    # schedule and the images seen continue as if nothing had changed
+    assert plan["global_batch"] == 16 and plan["accum_steps"] == 2
+    peak = 0.02 * 16 / 256
+    for r in m[4:]:
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, peak=peak, warmup=2, total=8), rel=1e-9)
+        assert r["images_seen"] == 16 * r["step"]
+    assert abs(m[4]["loss"] - m[3]["loss"]) < 0.3 * m[3]["loss"]  # no jump at the resume
     st = ckpt.read_train_state(ckpt.latest_complete(run)["uri"])
-    assert st["step"] == 8 and st["world_size"] == 1
+    assert st["step"] == 8 and st["world_size"] == 1 and st["images_seen"] == 128 and st["accum_steps"] == 2
+    # a global batch the new worker count cannot make is refused in one line
+    from jobs.core.common import UserError
+    odd = config(shards, bucket, "reshard", "train.max_steps=12", "train.batch_size=3", "scaling.num_workers=1")
+    with pytest.raises(UserError, match="global batch 16 is not a multiple of 3"):
+        fit(odd)
 
 
 def test_bad_config_is_one_line(shards, bucket):

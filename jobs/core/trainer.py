@@ -272,10 +272,11 @@ class Trainer:
                  "global_batch": self.global_batch, "accum_steps": self.accum, "time": time.time()}
         files = ckpt.write_local(self.model, self.opt, local, rank=self.rank, train_state=state,
                                  config_yaml=self.plan["config_yaml"])
+        if self.rank == 0:
+            self.finalizer.wait()  # the previous save is complete before any rank uploads this one
         gathered = [None] * self.world if self.rank == 0 else None
         dist.gather_object(files, gathered, dst=0, group=self.cpu_group)
         if self.rank == 0:
-            self.finalizer.wait()  # the previous save is complete before this one counts
             man = ckpt.write_manifest(local, gathered, self.world)
             self.logger.sync()  # before the marker: a complete checkpoint implies its metrics are stored
         self.report(m, checkpoint=ray.train.Checkpoint.from_directory(local), name=name)
@@ -347,20 +348,25 @@ class Trainer:
             if stop:
                 break
 
-    def close(self) -> None:
+    def close(self, ok: bool) -> None:
+        """End of the attempt: the last metrics go up (after a clean end only: a failing attempt must
+        not hide its error behind a second one) and the scratch directory goes."""
         try:
-            if self.rank == 0:
+            if self.rank == 0 and ok:
                 if self.finalizer is not None:
                     self.finalizer.wait()
                 self.logger.sync()
-                self.logger.close()
         finally:
+            if self.logger is not None:
+                self.logger.close()
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
     trainer = Trainer(PretrainConfig.from_dict(config["cfg"]), config["plan"])
+    ok = False
     try:
         trainer.fit()
+        ok = True
     finally:
-        trainer.close()
+        trainer.close(ok)

@@ -1,0 +1,110 @@
+"""A counting layer in front of the tests' S3 server, on 127.0.0.1: every request is forwarded as
+it came (headers, signature and body unchanged) and recorded (method, path, query, status, bytes),
+so that tests can count what the code asks of object storage."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
+
+
+@dataclass
+class Request:
+    t: float
+    method: str
+    path: str     # /bucket/key, unquoted
+    query: str
+    status: int
+    sent: int     # request body bytes
+    received: int  # response body bytes
+
+
+class CountingProxy:
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.requests: list[Request] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = bytearray()
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return bytes(out)
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def _forward(self):
+                body = self._body()
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if body or self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(body))
+                # One handler per client connection (one thread): it keeps its own upstream connection.
+                for attempt in range(2):
+                    if getattr(self, "_up", None) is None:
+                        self._up = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=120)
+                    try:
+                        self._up.request(self.command, self.path, body=body or None, headers=headers)
+                        resp = self._up.getresponse()
+                        data = resp.read()
+                        break
+                    except (http.client.HTTPException, ConnectionError, OSError):
+                        self._up.close()
+                        self._up = None
+                        if attempt:
+                            raise
+                self.send_response_only(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD" and data:
+                    self.wfile.write(data)
+                u = urlsplit(self.path)
+                with proxy.lock:
+                    proxy.requests.append(Request(time.time(), self.command, unquote(u.path), u.query,
+                                                  resp.status, len(body), len(data)))
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="s3-proxy")
+        self.thread.start()
+
+    def mark(self) -> int:
+        """Position in the request log, to count what happens after it."""
+        with self.lock:
+            return len(self.requests)
+
+    def since(self, mark: int = 0, prefix: str = "") -> list[Request]:
+        with self.lock:
+            return [r for r in self.requests[mark:] if r.path.startswith(prefix)]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

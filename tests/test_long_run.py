@@ -1,0 +1,102 @@
+"""What a long cluster run sees, in small: many small shards on S3, 3 simulated nodes, a checkpoint
+at every step, a worker SIGKILLed mid-run, a resume with another worker count, and every storage
+request counted by the layer in front of the S3 server (tests/s3proxy.py).
+
+The rule under test (DESIGN.md, "Rules of scale"): the storage cost of a checkpoint is the same
+for the 2nd and the 10th, because nothing on the save path lists or re-reads what earlier saves
+wrote."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from jobs.core import checkpoint as ckpt
+from jobs.core.config import load
+from jobs.core.launch import fit, run_dir_of
+from pipeline.prepare import PrepareConfig, prepare
+from pipeline.storage import read_bytes
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+
+RAY_OWN = ("checkpoint_manager_snapshot.json", ".validate_storage_marker")  # Ray Train's files, not ours
+
+
+def _ckpt_step(path: str, run_key: str) -> int | None:
+    rest = path[len(run_key):].lstrip("/")
+    head = rest.split("/", 1)[0]
+    return int(head.split("_")[1]) if head.startswith("checkpoint_") else None
+
+
+def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counter]:
+    """Requests to the run directory grouped by the save they belong to: a save starts with its
+    first request (the metrics sync or a file of its checkpoint directory) and runs until the next
+    save's start. Saves do not overlap: rank 0 waits for the previous save's finalizer before any
+    rank uploads the next checkpoint."""
+    prefix = f"/{bucket}/{run_key}"
+    mine = []
+    for r in reqs:
+        in_run = r.path.startswith(prefix + "/") or (r.path == f"/{bucket}" and f"prefix={run_key}" in
+                                                       r.query.replace("%2F", "/"))
+        bulk_delete = r.path == f"/{bucket}" and r.query.startswith("delete")
+        if (in_run or bulk_delete) and not r.path.endswith(RAY_OWN):
+            mine.append(r)
+    starts: dict[int, float] = {}
+    for r in mine:
+        k = _ckpt_step(r.path, f"/{bucket}/{run_key}")
+        if k is not None and r.method == "PUT":
+            starts.setdefault(k, r.t)
+    syncs = [r.t for r in mine if r.method == "PUT" and r.path.endswith("/metrics.jsonl")]
+    for k in list(starts):  # the metrics sync just before a checkpoint's first upload opens its save
+        before = [t for t in syncs if t <= starts[k]]
+        if before:
+            starts[k] = min(starts[k], before[-1])
+    order = sorted(starts.items(), key=lambda kv: kv[1])
+    out: dict[int, Counter] = {k: Counter() for k in starts}
+    for r in mine:
+        owner = None
+        for k, t in order:
+            if t <= r.t:
+                owner = k
+        if owner is not None:
+            kind = r.method + (" list" if "list-type" in r.query else " bulk-delete" if r.query.startswith("delete")
+                               else "")
+            out[owner][kind] += 1
+    return out
+
+
+def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_cluster, labeled_dir):
+    shards = f"s3://{bucket}/many-shards"
+    m = prepare(PrepareConfig(src=labeled_dir, dst=shards, shard_size_mb=0.02, val_fraction=0.0), progress=False)
+    assert len(m["splits"]["train"]["files"]) >= 20  # many small shards (ImageNet has ~1,000)
+    common = ["model.preset=mae_vit_micro_patch4", f"data.source={shards}", "data.decode_batch_size=8",
+              "data.rows_per_unit=8", "data.shuffle_buffer=16", "train.batch_size=8", "train.log_every=1",
+              "train.ckpt_every=1", "train.keep_last=1", "train.best_metric=", "train.vis_images=0",
+              "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0",
+              f"run.storage_path=s3://{bucket}/runs", "run.name=long", "run.max_failures=2"]
+    cfg = load(None, [*common, "train.max_steps=12", "scaling.num_workers=2", "train.crash_at_step=6"])
+    mark = s3.proxy.mark()
+    result, plan = fit(cfg)
+    assert result.error is None
+    run = run_dir_of(cfg)
+    assert read_bytes(f"{run}/crash_injected") == b"1"  # a worker was killed at step 6 ...
+    steps = [json.loads(x)["step"] for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
+    assert steps == list(range(1, 13))  # ... and the group went on from checkpoint 5
+
+    counts = per_checkpoint_requests(s3.proxy.since(mark), bucket, "runs/long")
+    for k in sorted(counts):
+        print(k, dict(counts[k]))
+    assert sum(counts[2].values()) > 0
+    assert counts[2] == counts[10], (counts[2], counts[10])  # the 2nd save costs what the 10th does
+    # only the newest checkpoint is kept (keep_last=1, no best metric); the others left a note
+    kept = [c for c in ckpt.list_checkpoints(run) if c["complete"]]
+    assert [c["step"] for c in kept] == [12]
+    index = json.loads(read_bytes(f"{run}/checkpoints.json"))
+    assert [e["step"] for e in index] == [12]
+
+    # resume with another worker count: one worker, the same global batch by accumulation
+    more = load(None, [*common, "train.max_steps=14", "scaling.num_workers=1"])
+    result, plan = fit(more)
+    assert result.error is None and plan["accum_steps"] == 2 and plan["global_batch"] == 16
+    st = ckpt.read_train_state(ckpt.latest_complete(run)["uri"])
+    assert st["step"] == 14 and st["images_seen"] == 14 * 16 and st["world_size"] == 1
