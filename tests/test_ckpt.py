@@ -218,3 +218,55 @@ def test_init_from_every_source_gives_the_trained_weights(run, tmp_path):
         f.write("ok\n")
     with pytest.raises(Exception, match="does not match this model config"):
         init_state_dict(local, mae_vit_micro_patch4(embed_dim=32, num_heads=2), verbose=False)
+
+
+def test_prune_keeps_last_and_best_writes_the_note_before_deleting(s3, bucket, tmp_path):
+    """The finalizer's pruning, on the S3 server behind the counting layer: the best and the last
+    checkpoint stay; a pruned one loses its marker first, gets its PRUNED note, and only then its
+    files; finding the latest costs the same two requests however many checkpoints were written."""
+    from pipeline.storage import StorageError, Store
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(mae_vit_micro_patch4())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run_uri = f"s3://{bucket}/ckpt-tests/prune"
+    for step, loss in ((1, 0.3), (2, 0.9), (3, 0.8)):  # step 1 is the best
+        write_checkpoint(model, opt, run_uri, step, loss, tmp_path)
+    run = Store(run_uri)
+    fin = ckpt.Finalizer(run, keep_last=1, best_metric="loss")
+    mark = s3.proxy.mark()
+    assert fin.prune() == ["checkpoint_00000002"]
+    reqs = [(r.method, r.path.rsplit("/", 1)[-1], r.query[:6]) for r in s3.proxy.since(mark)]
+    i_marker = reqs.index(("POST", bucket, "delete")) if ("POST", bucket, "delete") in reqs else None
+    i_note = reqs.index(("PUT", ckpt.PRUNED, ""))
+    deletes = [i for i, r in enumerate(reqs) if r[0] in ("POST", "DELETE")]
+    assert deletes[0] < i_note < deletes[-1], reqs  # marker gone, note written, then the files
+    assert i_marker is not None
+    assert run.ls("checkpoint_00000002") == [ckpt.PRUNED]
+    assert [c["step"] for c in ckpt.list_checkpoints(run) if c["complete"]] == [1, 3]
+    assert [e["step"] for e in json.loads(run.read(ckpt.INDEX))] == [1, 3]
+    mark = s3.proxy.mark()
+    assert ckpt.latest_complete(run)["step"] == 3
+    touched = {r.path.split("/prune/", 1)[-1] for r in s3.proxy.since(mark)}
+    assert touched == {ckpt.INDEX, f"checkpoint_00000003/{ckpt.MARKER}"}  # no listing, nothing older
+    # a damaged index is an error, never "no checkpoints" (which would prune the kept ones)
+    run.write(ckpt.INDEX, b"{not json")
+    with pytest.raises(StorageError, match="index is damaged"):
+        ckpt.Finalizer(run, keep_last=1, best_metric="loss")
+    assert [c["step"] for c in ckpt.list_checkpoints(run) if c["complete"]] == [1, 3]
+
+
+def test_rng_state_is_plain_tensors_and_loads_with_weights_only(tmp_path):
+    import io
+    import random
+
+    import numpy as np
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    buf = io.BytesIO()
+    torch.save(ckpt.rng_state(), buf)
+    expect = (torch.rand(2), np.random.rand(2), random.random())
+    buf.seek(0)
+    ckpt.set_rng_state(torch.load(buf, weights_only=True))  # no pickled code accepted from a bucket
+    assert torch.equal(torch.rand(2), expect[0]) and np.array_equal(np.random.rand(2), expect[1])
+    assert random.random() == expect[2]
