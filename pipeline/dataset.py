@@ -346,7 +346,9 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     n = last_epoch - first_epoch
     # Epochs -> their items (tiny rows) -> one item per block -> one decode task per item.
     ds = ray.data.range(n, override_num_blocks=n)
-    ds = ds.map_batches(_items_of_epoch, batch_size=1, num_cpus=0.01,
+    # One small task at a time expands epochs into items (a task per epoch at once would start a
+    # worker process for each of the run's epochs).
+    ds = ds.map_batches(_items_of_epoch, batch_size=1, num_cpus=0.01, concurrency=1,
                         fn_kwargs={"num_units": stream.num_units, "first_epoch": first_epoch,
                                    "first_item": first_item})
     ds = ds.repartition(target_num_rows_per_block=1)

@@ -48,9 +48,9 @@ def test_evaluate_pretrained_encoder_beats_random_init(layout_shards, bucket, tm
                       # crops keep most of the picture and no flips: the classes are layouts
                       # (a flip turns "h left of v" into "v left of h")
                       "data.crop_scale=[0.5,1.0]", "data.hflip=0",
-                      "train.batch_size=16", "train.max_steps=2000", "train.log_every=200", "train.ckpt_every=2000",
+                      "train.batch_size=32", "train.max_steps=2000", "train.log_every=200", "train.ckpt_every=2000",
                       "train.vis_images=0", "optim.lr=4e-3", "optim.min_lr=2e-3", "optim.warmup_steps=20",
-                      "optim.clip_grad=1.0", "scaling.num_workers=2", f"run.storage_path=s3://{bucket}/runs",
+                      "optim.clip_grad=1.0", "scaling.num_workers=1", f"run.storage_path=s3://{bucket}/runs",
                       "run.name=eval-src"])
     assert fit(cfg)[0].error is None
     run = run_dir_of(cfg)

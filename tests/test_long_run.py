@@ -15,7 +15,8 @@ from jobs.core import checkpoint as ckpt
 from jobs.core.config import load
 from jobs.core.launch import fit, run_dir_of
 from pipeline.prepare import PrepareConfig, prepare
-from pipeline.storage import read_bytes
+from jobs.core.optim import lr_at
+from pipeline.storage import read_bytes, write_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -94,9 +95,25 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
     index = json.loads(read_bytes(f"{run}/checkpoints.json"))
     assert [e["step"] for e in index] == [12]
 
-    # resume with another worker count: one worker, the same global batch by accumulation
+    # a half-written checkpoint with a higher step (files, no COMPLETE marker) is never resumed from
+    write_bytes(f"{run}/checkpoint_00000099/train_state.json", b'{"step": 99}')
+    # resume with another worker count: one worker, the same global batch by accumulation, so the
+    # schedule and the images seen go on as if nothing had changed
     more = load(None, [*common, "train.max_steps=14", "scaling.num_workers=1"])
     result, plan = fit(more)
     assert result.error is None and plan["accum_steps"] == 2 and plan["global_batch"] == 16
+    m = [json.loads(x) for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in m] == list(range(1, 15))  # went on at 13 (not 100), with 1 worker
+    peak = 0.02 * 16 / 256
+    for r in m:
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, peak=peak, warmup=2, total=14 if r["step"] > 12 else 12),
+                                        rel=1e-9)
+        assert r["images_seen"] == 16 * r["step"]
+    assert abs(m[12]["loss"] - m[11]["loss"]) < 0.3 * m[11]["loss"]  # no jump at the resume
     st = ckpt.read_train_state(ckpt.latest_complete(run)["uri"])
-    assert st["step"] == 14 and st["images_seen"] == 14 * 16 and st["world_size"] == 1
+    assert st["step"] == 14 and st["images_seen"] == 14 * 16 and st["world_size"] == 1 and st["accum_steps"] == 2
+    # a global batch the new worker count cannot make is refused in one line
+    from jobs.core.common import UserError
+    odd = load(None, [*common, "train.max_steps=16", "train.batch_size=3", "scaling.num_workers=1"])
+    with pytest.raises(UserError, match="global batch 16 is not a multiple of 3"):
+        fit(odd)
