@@ -293,7 +293,9 @@ class Store:
             return [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.key(name), detail=False)]
 
     def rm(self, names: list[str]) -> None:
-        """Delete these objects (one bulk request on object stores)."""
+        """Delete these objects, those that exist (one bulk request on object stores)."""
+        if self.uri.scheme == "file":  # the local filesystem refuses to delete what is not there
+            names = [n for n in names if os.path.exists(self.key(n))]
         if not names:
             return
         with storage_errors(self.uri_of(names[0])):

@@ -71,6 +71,10 @@ class CountingProxy:
                         self._up = None
                         if attempt:
                             raise
+                u = urlsplit(self.path)
+                with proxy.lock:  # recorded before the client has its answer: counts are never late
+                    proxy.requests.append(Request(time.time(), self.command, unquote(u.path), u.query,
+                                                  resp.status, len(body), len(data)))
                 self.send_response_only(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in _HOP and k.lower() != "content-length":
@@ -82,10 +86,6 @@ class CountingProxy:
                 self.end_headers()
                 if self.command != "HEAD" and data:
                     self.wfile.write(data)
-                u = urlsplit(self.path)
-                with proxy.lock:
-                    proxy.requests.append(Request(time.time(), self.command, unquote(u.path), u.query,
-                                                  resp.status, len(body), len(data)))
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 

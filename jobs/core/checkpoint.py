@@ -207,16 +207,28 @@ class Finalizer:
             err, self._error = self._error, None
             raise err
 
+    def latest(self) -> dict | None:
+        """The newest complete checkpoint of the index (its marker checked: one request)."""
+        for e in reversed(self.index):
+            if e.get("complete") and self.run.exists(f"{e['name']}/{MARKER}"):
+                return {"name": e["name"], "step": e["step"], "uri": self.run.uri_of(e["name"]), "complete": True}
+        return None
+
     def _run(self, entry: dict) -> None:
         try:
             t0 = time.perf_counter()
             self.finalize(entry)
-            removed = self.prune()
-            self.log(f"[mae] checkpoint {self.run.uri_of(entry['name'])} complete "
-                     f"({entry.get('bytes', 0) / 2**20:.1f} MiB; finalized in {time.perf_counter() - t0:.1f}s)"
-                     + (f"; removed {', '.join(removed)}" if removed else ""))
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
             self._error = e
+            return
+        try:
+            removed = self.prune()
+        except StorageError as e:  # the new checkpoint is complete; an old one stays until the next save
+            removed = []
+            self.log(f"[mae] warning: pruning old checkpoints failed, retried at the next save: {e}")
+        self.log(f"[mae] checkpoint {self.run.uri_of(entry['name'])} complete "
+                 f"({entry.get('bytes', 0) / 2**20:.1f} MiB; finalized in {time.perf_counter() - t0:.1f}s)"
+                 + (f"; removed {', '.join(removed)}" if removed else ""))
 
     def finalize(self, entry: dict) -> None:
         self.run.write(f"{entry['name']}/{MARKER}", b"ok\n")  # after every rank's upload: now it counts

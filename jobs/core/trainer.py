@@ -120,11 +120,11 @@ class Trainer:
         """Continue from the newest complete checkpoint, chosen once by rank 0 for every rank, read
         by each rank straight from storage; else start fresh (optionally from ``init_from``)."""
         choice = None
-        if self.rank == 0:
-            latest = ckpt.latest_complete(self.run)
+        if self.rank == 0:  # the index is read once per attempt, here
+            self.finalizer = ckpt.Finalizer(self.run, self.cfg.train.keep_last, self.cfg.train.best_metric)
+            latest = self.finalizer.latest()
             if latest:
                 choice = {"uri": latest["uri"], "state": ckpt.read_train_state(self.run.child(latest["name"]))}
-            self.finalizer = ckpt.Finalizer(self.run, self.cfg.train.keep_last, self.cfg.train.best_metric)
         choice = self._broadcast(choice)
         if choice:
             st = choice["state"]
