@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/model_step.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/export_memory.py
+	$(BIN)/python bench/report_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache

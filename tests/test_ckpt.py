@@ -270,3 +270,16 @@ def test_rng_state_is_plain_tensors_and_loads_with_weights_only(tmp_path):
     ckpt.set_rng_state(torch.load(buf, weights_only=True))  # no pickled code accepted from a bucket
     assert torch.equal(torch.rand(2), expect[0]) and np.array_equal(np.random.rand(2), expect[1])
     assert random.random() == expect[2]
+
+
+def test_masking_streams_are_distinct_per_rank_and_resume_step():
+    """Ranks whose RNG is not restored (another world size) draw their masking noise from streams
+    of their own: no two ranks, and no resume step, share one."""
+    from jobs.core.trainer import masking_seed
+    seeds = {masking_seed(0, rank, step) for rank in range(64) for step in (0, 1000, 1001, 500_000)}
+    assert len(seeds) == 64 * 4
+    draws = set()
+    for rank in range(4):
+        torch.manual_seed(masking_seed(0, rank, 1000))
+        draws.add(tuple(torch.rand(8).tolist()))
+    assert len(draws) == 4

@@ -95,7 +95,7 @@ def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shard
     storage = f"s3://{bucket}/tune-restore"
     # grace = the whole budget: ASHA cuts nothing here, so every trial must end with its final checkpoint
     args = [sys.executable, "-m", "jobs.tune", *BASE, f"data.source={tune_shards}", f"run.storage_path={storage}",
-            "--space", "model.overrides.mask_ratio=0.5,0.75,0.9", "--name", "resumable", "--max-concurrent", "1",
+            "--space", "model.overrides.mask_ratio=0.5,0.75", "--name", "resumable", "--max-concurrent", "1",
             "--grace-images", str(BUDGET)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
@@ -123,7 +123,7 @@ def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shard
     assert r.returncode == 0, out[-3000:]
     assert "resuming" in out
     done = finished_trials()
-    assert len(done) == 3 and set(first) <= set(done), (first, done)
+    assert len(done) == 2 and set(first) <= set(done), (first, done)
     # the finished trial was not rerun: one history of 4 reports and one final checkpoint
     for t in first:
         steps = [json.loads(x)["step"] for x in
@@ -133,4 +133,4 @@ def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shard
     import csv
     import io
     rows = list(csv.DictReader(io.StringIO(read_bytes(f"{storage}/resumable/results.csv").decode())))
-    assert len(rows) == 3 and all(not row["error"] for row in rows)
+    assert len(rows) == 2 and all(not row["error"] for row in rows)
