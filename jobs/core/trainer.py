@@ -136,7 +136,7 @@ class Trainer:
             self.step = st["step"]
             if not restored:  # another world size: fresh, distinct per-rank masking streams
                 torch.manual_seed(masking_seed(self.cfg.train.seed, self.rank, self.step))
-            self.say(f"[mae] resumed from {choice['uri']} at step {self.step} ({st['images_seen']} images) "
+            self.say(f"[mae] resumed from {choice['uri']} at step {self.step} ({self.step * self.global_batch} images) "
                      f"with {self.world} workers (saved by {st['world_size']})")
         else:
             torch.manual_seed(masking_seed(self.cfg.train.seed, self.rank, 0))
