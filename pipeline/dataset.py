@@ -95,41 +95,58 @@ def _stats_actor_cls():
         def reset(self):
             self.__init__()
 
-        # The position a restarted worker group resumes from (see Stream.locate). Read by each
-        # decode task once per read unit; set by rank 0 before any rank iterates.
+        # The position a restarted worker group resumes from (see Stream.locate), per run. Read by
+        # each decode task once per read unit; set by rank 0 before any rank iterates.
         def set_resume(self, run_id: str, item: int, row: int):
-            self.resume = {"run": run_id, "item": item, "row": row}
+            self.resume = {**getattr(self, "resume", {}), run_id: (item, row)}
 
         def get_resume(self, run_id: str):
-            r = getattr(self, "resume", None)
-            return (r["item"], r["row"]) if r and r["run"] == run_id else (0, 0)
+            return getattr(self, "resume", {}).get(run_id, (0, 0))
 
     return PipelineStats
 
 
-_STATS = None  # (job id, handle) of the driver's counters actor
+_STATS: dict = {}  # (job id, actor name) -> handle: the actors this driver owns
 
 
-def stats_actor(create: bool = True):
-    """The named counters actor of this Ray namespace (created on first use)."""
+def _actor_name(run_id: str) -> str:
+    import hashlib
+    return STATS_ACTOR if not run_id else f"{STATS_ACTOR}-{hashlib.sha1(run_id.encode()).hexdigest()[:16]}"
+
+
+def stats_actor(create: bool = True, run_id: str = ""):
+    """The named counters actor of this driver (one per run: concurrent Tune trials each own one,
+    and none outlives the process that started its run). Created on first use."""
     import ray
-    global _STATS
+    name = _actor_name(run_id)
     if create:
-        # Owned by the driver that builds the dataset; the module keeps a handle, so that the actor
-        # lives as long as the driver (not only as long as one dataset's references to it).
-        if _STATS is None or _STATS[0] != ray.get_runtime_context().get_job_id():
-            _STATS = (ray.get_runtime_context().get_job_id(),
-                      _stats_actor_cls().options(name=STATS_ACTOR, get_if_exists=True).remote())
-        return _STATS[1]
+        # The module keeps the handle, so that the actor lives as long as its driver (not only as
+        # long as one dataset's references to it).
+        key = (ray.get_runtime_context().get_job_id(), name)
+        if key not in _STATS:
+            _STATS[key] = _stats_actor_cls().options(name=name, get_if_exists=True).remote()
+        return _STATS[key]
     try:
-        return ray.get_actor(STATS_ACTOR)
+        return ray.get_actor(name)
     except ValueError:
         return None
 
 
-def pipeline_stats() -> dict:
+def _resume_at(stats, run_id: str, start: tuple[int, int]) -> tuple[int, int]:
+    """The later of the driver's start and a restarted group's position (the driver's, if the
+    actor cannot be asked)."""
+    if stats is None or not run_id:
+        return start
     import ray
-    a = stats_actor(create=False)
+    try:
+        return max(start, tuple(ray.get(stats.get_resume.remote(run_id))))
+    except ray.exceptions.RayActorError:
+        return start
+
+
+def pipeline_stats(run_id: str = "") -> dict:
+    import ray
+    a = stats_actor(create=False, run_id=run_id)
     return ray.get(a.get.remote()) if a else {"ok": 0, "skipped": {}, "examples": {}}
 
 
@@ -276,9 +293,7 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
     position before decoding. Decoded and skipped counts go to the stats actor once per unit."""
     import pyarrow.parquet as pq
     item = int(batch["item"][0])
-    if stats is not None and run_id:
-        import ray
-        start = max(start, tuple(ray.get(stats.get_resume.remote(run_id))))
+    start = _resume_at(stats, run_id, start)
     if item < start[0]:
         return
     first_row = start[1] if item == start[0] else 0
@@ -314,10 +329,12 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
         stats.record.remote(ok, skipped)  # fire and forget, once per unit
 
 
-def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int) -> dict:
-    """{"id": [i]} -> {"item": the stream items of epoch ``first_epoch + i`` from ``first_item`` on}."""
+def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int, run_id: str, stats) -> dict:
+    """{"id": [i]} -> {"item": the stream items of epoch ``first_epoch + i`` from the start on}. The
+    start is the driver's, or a restarted worker group's later one: what was consumed is never
+    even scheduled (the expansion runs lazily, after rank 0 has set the position)."""
     e = first_epoch + int(batch["id"][0])
-    lo = max(e * num_units, first_item)
+    lo = max(e * num_units, _resume_at(stats, run_id, (first_item, 0))[0])
     return {"item": np.arange(lo, (e + 1) * num_units, dtype=np.int64)}
 
 
@@ -348,12 +365,12 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     ds = ray.data.range(n, override_num_blocks=n)
     # One small task at a time expands epochs into items (a task per epoch at once would start a
     # worker process for each of the run's epochs).
+    stats = stats_actor(run_id=run_id)
     ds = ds.map_batches(_items_of_epoch, batch_size=1, num_cpus=0.01, concurrency=1,
                         fn_kwargs={"num_units": stream.num_units, "first_epoch": first_epoch,
-                                   "first_item": first_item})
+                                   "first_item": first_item, "run_id": run_id, "stats": stats})
     ds = ds.repartition(target_num_rows_per_block=1)
     class_index = {c: i for i, c in enumerate(info.classes)} if (info.classes and info.kind == "images") else None
-    stats = stats_actor()
     fn = functools.partial(load_and_decode, uri=info.uri, units=units, stream=stream, start=(first_item, first_row),
                            decode_batch_size=cfg.decode_batch_size, run_id=run_id, stats=stats,
                            tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index)

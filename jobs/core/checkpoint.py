@@ -190,6 +190,13 @@ class Finalizer:
         if index is None:  # a run of an earlier version, or none yet: rebuild from one listing
             index = [{"name": c["name"], "step": c["step"], "complete": True, "metrics": {}}
                      for c in list_checkpoints(run) if c["complete"]]
+        else:  # an attempt that died between a marker and the index: take its checkpoint in
+            newest = index[-1]["step"] if index else -1
+            for name in (run.ls() if run.exists() else []):  # one listing per attempt, not per save
+                m = _NAME.match(name)
+                if m and int(m.group(1)) > newest and run.exists(f"{name}/{MARKER}"):
+                    index.append({"name": name, "step": int(m.group(1)), "complete": True, "metrics": {}})
+            index.sort(key=lambda e: e["step"])
         self.index = index
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

@@ -165,11 +165,13 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     info = resolve(cfg.data.source, cfg.data.split, cfg.data.val_fraction, cfg.data.seed)
     plan = make_plan(cfg, info, t_launch, resumed)
     start = resumed.get("images_seen", resumed["step"] * plan["global_batch"]) if resumed else 0
-    # One stream for the rest of the run, plus a spare epoch for images skipped as corrupt.
-    epochs = math.ceil(max(0, plan["total_steps"] * plan["global_batch"] - start) / plan["rows"]) + 1
+    # One stream for the rest of the run, plus spare epochs (2%, at least one) for images skipped
+    # as corrupt: they are rows of the stream that yield no image.
+    epochs = math.ceil(max(0, plan["total_steps"] * plan["global_batch"] - start) / plan["rows"])
+    epochs += max(1, math.ceil(0.02 * epochs))
     ds, info, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
     plan.update(stream={"unit_rows": stream.unit_rows, "seed": stream.seed, "shuffle": stream.shuffle},
-                stats_actor=stats_actor())
+                stats_actor=stats_actor(run_id=str(run)))
     # Save the resolved config with the run (credentials never appear in it: they are not config).
     run.write("config.yaml", cfg.to_yaml().encode())
     if verbose:

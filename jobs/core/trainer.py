@@ -274,6 +274,9 @@ class Trainer:
                                  config_yaml=self.plan["config_yaml"])
         if self.rank == 0:
             self.finalizer.wait()  # the previous save is complete before any rank uploads this one
+            # A directory of this name from an attempt that died after its marker is no longer
+            # complete once new files start landing in it.
+            self.run.rm([f"{name}/{ckpt.MARKER}"])
         gathered = [None] * self.world if self.rank == 0 else None
         dist.gather_object(files, gathered, dst=0, group=self.cpu_group)
         if self.rank == 0:
