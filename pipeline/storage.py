@@ -106,17 +106,22 @@ def pyarrow_fs(uri: str | URI, endpoint: str | None = None):
 
 
 # ---------------------------------------------------------------------------- fsspec
+def _s3_options(endpoint: str | None) -> dict:
+    """The one set of s3fs options (also handed to torch's DCP reader by :func:`fsspec_options`).
+
+    No listings cache: several processes write the same run directory (ranks, restarted attempts,
+    the tune driver), and s3fs answers exists()/size() (and so cat_file()) from a cached listing
+    when it has one, which makes a file written after that listing "not found"."""
+    kw = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}}, "use_listings_cache": False}
+    if endpoint:
+        kw.update(endpoint_url=endpoint, client_kwargs={"region_name": _region()})
+    return kw
+
+
 @lru_cache(maxsize=8)
 def _fs_s3(endpoint: str | None):
     import s3fs
-    # No listings cache: several processes write the same run directory (ranks, restarted
-    # attempts, the tune driver), and s3fs answers exists()/size() (and so cat_file()) from a
-    # cached listing when it has one, which makes a file written after that listing "not found".
-    kw = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}}, "use_listings_cache": False}
-    if endpoint:
-        kw["endpoint_url"] = endpoint
-        kw["client_kwargs"] = {"region_name": _region()}
-    return s3fs.S3FileSystem(**kw)
+    return s3fs.S3FileSystem(**_s3_options(endpoint))
 
 
 def fsspec_fs(uri: str | URI, endpoint: str | None = None):
@@ -218,11 +223,7 @@ def fsspec_options(uri: str | URI, endpoint: str | None = None) -> dict:
     :func:`fsspec_fs` (for torch's DCP ``FsspecReader``, which builds its own)."""
     u = uri if isinstance(uri, URI) else parse_uri(uri)
     if u.scheme == "s3":
-        kw = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}}, "use_listings_cache": False}
-        ep = endpoint_url(endpoint)
-        if ep:
-            kw.update(endpoint_url=ep, client_kwargs={"region_name": _region()})
-        return kw
+        return _s3_options(endpoint_url(endpoint))
     if u.scheme == "gs":
         return {"use_listings_cache": False}
     return {}
@@ -260,8 +261,7 @@ class Store:
     def read_if_exists(self, name: str) -> bytes | None:
         """The object's bytes, or None when it does not exist; any other error raises."""
         try:
-            with storage_errors(self.uri_of(name)):
-                return self.fs.cat_file(self.key(name))
+            return self.read(name)
         except StorageError as e:
             if "not found" in str(e):
                 return None

@@ -113,6 +113,11 @@ def latest_complete(run_dir: str | URI | Store) -> dict | None:
     if index is None:
         done = [c for c in list_checkpoints(run) if c["complete"]]
         return done[-1] if done else None
+    return _latest_in(run, index)
+
+
+def _latest_in(run: Store, index: list[dict]) -> dict | None:
+    """The newest entry of an index whose marker is there (normally one request)."""
     for e in reversed(index):
         if e.get("complete") and run.exists(f"{e['name']}/{MARKER}"):
             return {"name": e["name"], "step": e["step"], "uri": run.uri_of(e["name"]), "complete": True}
@@ -216,10 +221,7 @@ class Finalizer:
 
     def latest(self) -> dict | None:
         """The newest complete checkpoint of the index (its marker checked: one request)."""
-        for e in reversed(self.index):
-            if e.get("complete") and self.run.exists(f"{e['name']}/{MARKER}"):
-                return {"name": e["name"], "step": e["step"], "uri": self.run.uri_of(e["name"]), "complete": True}
-        return None
+        return _latest_in(self.run, self.index)
 
     def _run(self, entry: dict) -> None:
         try:
