@@ -34,17 +34,19 @@ def s3():
     from s3server import S3Server
     server = S3Server()
     saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    from pipeline import storage
-    storage._fs_s3.cache_clear()
-    storage._pa_s3.cache_clear()
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    try:  # the server goes with the session even when the setup below fails
+        os.environ.update(server.env())
+        from pipeline import storage
+        storage._fs_s3.cache_clear()
+        storage._pa_s3.cache_clear()
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
