@@ -149,6 +149,12 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     restarted_at = [r["step"] for r in m if "time/launch_to_first_log_s" in r]
     assert restarted_at == [1, 8, 15]
     assert ckpt.latest_complete(run_dir_of(again))["step"] == 16
+    # Started once more, the finished run trains nothing and still reports its final result (a
+    # Tune trial relaunched after its driver was killed must give the scheduler its metric).
+    done, _ = fit(again)
+    assert done.error is None and done.metrics["step"] == 16
+    assert done.metrics["loss"] == pytest.approx(b[16]["loss"], rel=1e-9)
+    assert len(metrics_of(again)) == len(m)  # no step was run again
 
 
 def test_bad_config_is_one_line(shards, bucket):

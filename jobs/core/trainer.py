@@ -89,6 +89,7 @@ class Trainer:
         self.run = Store(plan["run_dir"])
         self.stream = Stream(**plan["stream"])
         self.step, self.lr = 0, 0.0
+        self.saved_metrics: dict = {}  # the resumed checkpoint's metrics
         self.scratch = tempfile.mkdtemp(prefix="mae-run-")
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
         self.finalizer = None
@@ -134,6 +135,7 @@ class Trainer:
             restored = ckpt.load_into(self.model, self.opt, Store(choice["uri"]), rank=self.rank,
                                       restore_rng=same_world)
             self.step = st["step"]
+            self.saved_metrics = st.get("metrics") or {}
             if not restored:  # another world size: fresh, distinct per-rank masking streams
                 torch.manual_seed(masking_seed(self.cfg.train.seed, self.rank, self.step))
             self.say(f"[mae] resumed from {choice['uri']} at step {self.step} ({self.step * self.global_batch} images) "
@@ -319,6 +321,12 @@ class Trainer:
         import ray.train
         t = self.cfg.train
         self.resume()
+        if self.step >= self.total:
+            # A relaunch of a finished run (e.g. a Tune trial whose end a killed driver never
+            # recorded): nothing to train, but the caller still needs the run's final result.
+            self.say(f"[mae] the run already reached step {self.total}; reporting its final metrics")
+            self.report(dict(self.saved_metrics, step=self.step))
+            return
         shard = ray.train.get_dataset_shard("train")
         self.batches = iter(shard.iter_torch_batches(**iter_kwargs(self.cfg.data, t.batch_size, self.rank)))
         self.model.train()
