@@ -23,7 +23,7 @@ from jobs.core import weights as ckpt_tools
 from jobs.core.common import UserError, init_ray, one_line_errors
 from jobs.core.probe import evaluate_features
 from mae_model import MaskedAutoencoder
-from pipeline.storage import parse_uri, read_bytes, write_bytes
+from pipeline.storage import check_visible_to_cluster, parse_uri, read_bytes, write_bytes
 
 
 def model_config_of(ckpt_uri: str):
@@ -84,7 +84,8 @@ def extract(model: MaskedAutoencoder, source: str, split: str, limit: int | None
 
 def evaluate(ckpt_uri: str, dataset: str, *, max_train: int | None = None, max_val: int | None = None,
              workers: int = 2, val_fraction: float = 0.2, seed: int = 0, random_init: bool = False,
-             linear: bool = True, write: bool = True) -> dict:
+             linear: bool = True, write: bool = True, shared_fs: bool = False) -> dict:
+    check_visible_to_cluster({"DATASET": dataset}, shared_fs=shared_fs, setting="--shared-fs")
     ckpt_uri = ckpt_tools.select(ckpt_uri)["uri"]  # a complete checkpoint, or a run's latest
     model = load_model(ckpt_uri, random_init=random_init, seed=seed)
     tr, tr_y = extract(model, dataset, "train", max_train, workers, val_fraction, seed)
@@ -119,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-fraction", type=float, default=0.2, help="image folders: held-out share")
     ap.add_argument("--no-linear", action="store_true", help="k-NN only")
     ap.add_argument("--random-init", action="store_true", help="the same encoder at random init (a baseline)")
+    ap.add_argument("--shared-fs", action="store_true",
+                    help="a local DATASET is on a filesystem every node mounts (else refused on a multi-node cluster)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     return ap
 
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
     with one_line_errors("mae evaluate"):
         init_ray(a.address)
         res = evaluate(a.checkpoint, a.dataset, max_train=a.max_train, max_val=a.max_val, workers=a.workers,
-                       val_fraction=a.val_fraction, random_init=a.random_init, linear=not a.no_linear)
+                       val_fraction=a.val_fraction, random_init=a.random_init, linear=not a.no_linear,
+                       shared_fs=a.shared_fs)
     print(f"{res['checkpoint']} on {res['dataset']}: {res['train_images']} train / {res['val_images']} val "
           f"images, {res['classes']} classes" + (" (random init)" if a.random_init else ""))
     print(table(res))

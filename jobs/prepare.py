@@ -22,7 +22,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="fraction of images put in a 'val' split by a seeded hash of the key")
     ap.add_argument("--seed", type=int, default=0, help="seed of the train/val hash split")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty destination (a prefix, never a bucket)")
+    ap.add_argument("--shared-fs", action="store_true",
+                    help="local SRC/DST are on a filesystem every node mounts (else refused on a multi-node cluster)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     return ap
 
@@ -31,7 +33,8 @@ def main(argv=None) -> int:
     a = parser().parse_args(argv)
     with one_line_errors("mae prepare"):
         cfg = PrepareConfig(src=a.src, dst=a.dst, shard_size_mb=a.shard_size_mb,
-                            val_fraction=a.val_fraction, seed=a.seed, overwrite=a.overwrite)
+                            val_fraction=a.val_fraction, seed=a.seed, overwrite=a.overwrite,
+                            shared_fs=a.shared_fs)
         the_plan = plan(cfg)  # bad input fails here, before Ray starts
         init_ray(a.address)
         m = prepare(cfg, the_plan=the_plan)

@@ -17,7 +17,7 @@ import time
 from jobs.core import checkpoint as ckpt
 from jobs.core.common import init_ray, one_line_errors
 from jobs.core.config import describe, load
-from jobs.core.launch import failure_of, fit
+from jobs.core.launch import cpu_needs, failure_of, fit
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,14 +41,11 @@ def main(argv=None) -> int:
     t_launch = time.time()
     with one_line_errors("mae pretrain"):
         cfg = load(a.config, a.overrides)
-        init_ray(cfg.run.address or None)
+        init_ray(cfg.run.address or None, num_cpus=sum(cpu_needs(cfg)))
         result, plan = fit(cfg, t_launch)
     err = failure_of(cfg)
     if err:
         print(f"mae pretrain: error: {err}", file=sys.stderr)
-        return 1
-    if result.error:
-        print(f"mae pretrain: error: the run failed: {str(result.error).splitlines()[0]}", file=sys.stderr)
         return 1
     rd = plan["run_dir"]
     latest = ckpt.latest_complete(rd)

@@ -1,7 +1,8 @@
 """mae submit [--address URL] [--follow] -- pretrain|tune|evaluate|prepare ARGS...
 
 Runs one of the project's commands as a Ray job on a cluster (Ray Job Submission): this checkout
-goes along as the job's ``working_dir`` (without .venv, runs, caches and .git), the command runs as
+goes along as the job's ``working_dir`` (an allowlist: pipeline/, mae_model/, jobs/, pyproject.toml;
+nothing else that lies in the checkout), the command runs as
 ``python -m jobs.cli CMD ARGS`` on the head, and the submission id is printed. ``--follow``
 streams the job's logs to the end and exits with its status (0 succeeded, 1 failed, 3 stopped).
 
@@ -24,17 +25,16 @@ import getpass
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 import uuid
 
 from jobs.core.common import UserError, one_line_errors
+from jobs.core.ship import allowed_env, project_root, stage
 from pipeline.storage import SECRET_ENV, redact
 
 SUBMITTABLE = ("pretrain", "tune", "evaluate", "prepare")
-ENV_ALLOW = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-EXCLUDES = [".venv", "venv", ".git", "runs", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
-            "*.egg-info", "bench/gpu_out", "build", "dist", ".ipynb_checkpoints"]
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 _SECRETISH = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.I)
 
@@ -115,19 +115,10 @@ class cluster_errors:
 
 
 # ---------------------------------------------------------------------------- what is sent
-def project_root() -> str | None:
-    """This checkout (if the code runs from one): it becomes the job's working_dir."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return root if os.path.isfile(os.path.join(root, "pyproject.toml")) else None
-
-
 def job_env(extra: list[str]) -> tuple[dict[str, str], list[str]]:
     """(variables for the job, notes to print). Allow-listed settings when set here, plus the
     variables named with --env. Notes name variables, never values."""
-    env, notes = {}, []
-    for k in ENV_ALLOW:
-        if os.environ.get(k):
-            env[k] = os.environ[k]
+    env, notes = allowed_env(), []
     for k in extra:
         if "=" in k:
             raise UserError(f"--env {k.split('=', 1)[0]}=...: give only the NAME; its value is read from "
@@ -158,7 +149,9 @@ def build_submission(argv: list[str], *, env_names: list[str], working_dir: str 
     if wd:
         if not os.path.isdir(wd):
             raise UserError(f"--working-dir {wd}: not a directory")
-        runtime_env.update(working_dir=wd, excludes=list(EXCLUDES))
+        # this checkout: a temporary copy of the project's allowlist (the caller removes it);
+        # a directory named with --working-dir goes as it is
+        runtime_env["working_dir"] = stage(wd) if working_dir is None else wd
     if pip:
         runtime_env["pip"] = list(pip)
     sid = submission_id or f"mae-{cmd}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -237,21 +230,33 @@ def main(argv=None) -> int:
         for n in sub["notes"]:
             print(f"mae submit: note: {n}", file=sys.stderr)
         kw = sub["kwargs"]
-        if a.dry_run:
-            re_ = kw["runtime_env"]
-            print(f"entrypoint: {kw['entrypoint']}\nsubmission id: {kw['submission_id']}\n"
-                  f"working_dir: {re_.get('working_dir', '(none)')}\n"
-                  f"env: {', '.join(sorted(re_['env_vars'])) or '(none)'}")
-            return 0
-        addr = job_server(a.address)
-        c = client(addr, verbose=a.verbose)
-        with cluster_errors(addr):
-            sid = c.submit_job(**kw)
-        print(sid, flush=True)
-        if not a.follow:
-            print(f"follow it: mae jobs logs {sid} --follow   (address {addr})", file=sys.stderr)
-            return 0
-        return follow(c, sid, addr)
+        try:
+            return _send(a, kw)
+        finally:
+            if a.working_dir is None and kw["runtime_env"].get("working_dir"):
+                shutil.rmtree(kw["runtime_env"]["working_dir"], ignore_errors=True)
+
+
+def _send(a, kw: dict) -> int:
+    if a.dry_run:
+        re_ = kw["runtime_env"]
+        print(f"entrypoint: {kw['entrypoint']}\nsubmission id: {kw['submission_id']}\n"
+              f"working_dir: {_shipped(re_.get('working_dir'))}\n"
+              f"env: {', '.join(sorted(re_['env_vars'])) or '(none)'}")
+        return 0
+    addr = job_server(a.address)
+    c = client(addr, verbose=a.verbose)
+    with cluster_errors(addr):
+        sid = c.submit_job(**kw)
+    print(sid, flush=True)
+    if not a.follow:
+        print(f"follow it: mae jobs logs {sid} --follow   (address {addr})", file=sys.stderr)
+        return 0
+    return follow(c, sid, addr)
+
+
+def _shipped(wd: str | None) -> str:
+    return "(none)" if not wd else ", ".join(sorted(os.listdir(wd)))
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import sys
 
 import yaml
 
-from jobs.core.common import UserError, init_ray, one_line_errors
+from jobs.core.common import UserError, cluster_capacity, init_ray, one_line_errors
 from jobs.core.config import PretrainConfig, load, set_field
-from pipeline.storage import parse_uri, pyarrow_fs, write_bytes
+from pipeline.storage import check_visible_to_cluster, parse_uri, pyarrow_fs, write_bytes
 
 DEFAULT_SPACE = {"model.overrides.mask_ratio": [0.5, 0.75, 0.9], "model.overrides.decoder_depth": [1, 4, 8]}
 OBJECTIVE = "knn_top1"
@@ -55,7 +55,7 @@ def trial(config: dict) -> None:
     cfg = trial_config(config["base"], config["params"], ctx.get_trial_id(), config["tune_dir"])
     # A non-finite loss ends the run with an "error" report (objective 0) that reaches Tune
     # through the callback; the search goes on.
-    fit(cfg, verbose=False, callbacks=[TuneReportCallback()])
+    fit(cfg, verbose=False, callbacks=[TuneReportCallback()], check_cpus=False)
 
 
 def parse_space(items: list[str]) -> dict:
@@ -68,9 +68,28 @@ def parse_space(items: list[str]) -> dict:
     return space or dict(DEFAULT_SPACE)
 
 
-def trial_cpus(cfg: PretrainConfig) -> float:
-    """What one trial holds: its Train workers plus at least one CPU for its data tasks."""
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + max(1.0, cfg.data.decode_cpus)
+DRIVER_CPUS = 0.01  # a trial's driver (the function trainable) holds a sliver; 0 is refused
+
+
+def trial_resources(cfg: PretrainConfig) -> dict:
+    """What one running trial holds: its driver, its Train workers and its data pipeline."""
+    from jobs.core.launch import cpu_needs
+    trainers, data = cpu_needs(cfg)
+    return {"CPU": DRIVER_CPUS + trainers + data, "GPU": cfg.scaling.num_workers if cfg.scaling.use_gpu else 0}
+
+
+def max_concurrent(cfg: PretrainConfig, cluster: dict) -> int:
+    """Trials that fit the cluster at once, counting CPUs and GPUs; one line if not even one fits."""
+    need = trial_resources(cfg)
+    fits = [int((cluster.get(k, 0.0) + 1e-9) // v) for k, v in need.items() if v > 0]
+    n = min(fits)
+    if n < 1:
+        have = {k: cluster.get(k, 0.0) for k in need}
+        raise UserError(f"one trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (its driver, "
+                        "scaling.num_workers x scaling.cpus_per_worker, and data.decode_cpus for its data "
+                        f"pipeline); the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs: "
+                        "lower scaling.num_workers, scaling.cpus_per_worker or data.decode_cpus, or add nodes")
+    return n
 
 
 def _num(row, key, cast=float):
@@ -150,9 +169,8 @@ def optuna_searcher():
 
 
 def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, search: str = "grid",
-             num_samples: int = 1, grace_images: int | None = None, max_concurrent: int | None = None,
+             num_samples: int = 1, grace_images: int | None = None, max_concurrent_trials: int | None = None,
              restore: bool = True):
-    import ray
     from ray import tune
 
     fs, root = pyarrow_fs(storage)
@@ -166,14 +184,16 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
         param_space = {k: tune.choice(v) for k, v in space.items()}
     if search == "optuna":  # model-based (TPE): each trial's choice learns from the finished ones
         search_alg = optuna_searcher()
-    per_trial = trial_cpus(base)
-    cluster = ray.cluster_resources().get("CPU", 1)
-    mc = max_concurrent or max(1, int(cluster // per_trial))
+    from jobs.core.launch import paths_of
+    check_visible_to_cluster({**paths_of(base), "run.storage_path": storage}, shared_fs=base.run.shared_fs,
+                             setting="run.shared_fs=true")
+    fit_at_once = max_concurrent(base, cluster_capacity())  # also refuses a trial that cannot fit
+    mc = min(max_concurrent_trials or fit_at_once, fit_at_once)
     budget = base.train.max_steps * base.train.batch_size * base.scaling.num_workers * base.optim.accum_steps
     scheduler = tune.schedulers.ASHAScheduler(
         time_attr="images_seen", metric=OBJECTIVE, mode="max", max_t=max(1, budget),
         grace_period=grace_images or max(1, budget // 4), reduction_factor=2)
-    trainable = tune.with_resources(trial, {"cpu": 0.01})  # the trial driver: a sliver; 0 is refused
+    trainable = tune.with_resources(trial, {"cpu": DRIVER_CPUS})
     path = f"{root.rstrip('/')}/{name}"
     if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[tune] resuming {tune_dir}: finished trials are kept", flush=True)
@@ -187,7 +207,9 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
                                         max_concurrent_trials=mc, search_alg=search_alg),
             run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs),
         )
-    print(f"[tune] {tune_dir}: space {space}, {mc} concurrent trials of {per_trial:g} CPUs, "
+    need = trial_resources(base)
+    print(f"[tune] {tune_dir}: space {space}, {mc} concurrent trials of {need['CPU']:g} CPUs"
+          + (f" and {need['GPU']} GPUs" if need["GPU"] else "") + ", "
           f"budget {budget} images per trial, objective {OBJECTIVE} (max)", flush=True)
     grid = tuner.fit()
     rows = results_table(grid, space, tune_dir)
@@ -231,10 +253,10 @@ def main(argv=None) -> int:
         for k, vals in space.items():
             for v in vals:
                 set_field(PretrainConfig.from_dict(base.to_dict()), k, v)  # validate every value up front
-        init_ray(base.run.address or None)
+        init_ray(base.run.address or None, num_cpus=trial_resources(base)["CPU"])
         grid, rows, tune_dir = run_tune(base, space, name=a.name, storage=base.run.storage_path,
                                         search=a.search, num_samples=a.num_samples,
-                                        grace_images=a.grace_images, max_concurrent=a.max_concurrent)
+                                        grace_images=a.grace_images, max_concurrent_trials=a.max_concurrent)
     print(f"[tune] results: {tune_dir}/results.md, results.csv; best config: {tune_dir}/best_config.yaml")
     for r in rows:
         print("  " + json.dumps(r))

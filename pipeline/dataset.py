@@ -20,7 +20,7 @@ import numpy as np
 
 from .decode import DEFAULT_MAX_PIXELS, SkipImage
 from .sources import SourceInfo, label_of, relative_key, resolve
-from .storage import StorageError, parse_uri, pyarrow_fs, storage_errors
+from .storage import StorageError, parse_uri, pyarrow_fs, storage_errors, with_retries
 from .transforms import TransformConfig, transform_image
 
 STATS_ACTOR = "mae_pipeline_stats"
@@ -42,6 +42,7 @@ class DataConfig:
     rows_per_unit: int = 256         # images per read unit: one task reads and decodes a unit
     decode_concurrency: int | None = None  # max parallel decode tasks (None: Ray Data decides)
     decode_cpus: float = 1.0         # CPUs reserved by each decode task
+    read_retries: int = 4            # retries (with backoff) of a failed storage read, then the run fails
     max_data_cpus: float | None = None     # cap on CPUs for Ray Data (leave room for training)
     prefetch_batches: int = 4        # batches prefetched by the trainer-side iterator
     reduced_decode: bool = True      # JPEG DCT-scaled decode when the crop allows it
@@ -198,9 +199,8 @@ def configure_context(cfg: DataConfig):
     ctx.enable_progress_bars = True
     # Small output blocks stream to the trainers sooner and split more evenly between them.
     ctx.target_max_block_size = 16 * 2**20
-    # Retry transient object-store errors instead of failing the epoch.
-    ctx.retried_io_errors = list({*ctx.retried_io_errors, "AWS Error SLOW_DOWN", "AWS Error NETWORK_CONNECTION",
-                                  "AWS Error INTERNAL_FAILURE", "Connection reset", "Read timed out"})
+    # (Transient storage errors: DataContext.retried_io_errors covers Ray's own readers only; the
+    # decode tasks retry their reads themselves, see load_and_decode.)
     return ctx
 
 
@@ -285,7 +285,8 @@ class Stream:
 
 
 def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream, start: tuple[int, int],
-                    decode_batch_size: int, run_id: str, stats, **decode_kw) -> Iterator[dict]:
+                    decode_batch_size: int, run_id: str, stats, read_retries: int = 4,
+                    **decode_kw) -> Iterator[dict]:
     """One stream item (a read unit in one epoch) -> decoded uint8 patch batches, streamed out.
 
     Items before the start position (the driver's, or a later one that a restarted worker group of
@@ -300,20 +301,20 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
     epoch, u = stream.unit_of(item)
     unit = units[u]
     fs, _ = pyarrow_fs(uri)
+    # A read error is retried with backoff, then fails the task (and the run): never a skip.
     if unit["kind"] == "parquet":
-        with storage_errors(f"{uri} ({unit['file']})"):
-            with fs.open_input_file(unit["file"]) as f:
-                t = pq.ParquetFile(f).read_row_groups(unit["row_groups"], columns=["key", "image", "label"])
-        t = t.slice(first_row)
+        def read():
+            with storage_errors(f"{uri} ({unit['file']})"), fs.open_input_file(unit["file"]) as f:
+                return pq.ParquetFile(f).read_row_groups(unit["row_groups"], columns=["key", "image", "label"])
+        t = with_retries(read, retries=read_retries).slice(first_row)
         keys, images, labels = t["key"].to_pylist(), t["image"].to_pylist(), t["label"].to_pylist()
     else:
         keys, images, labels = unit["files"][first_row:], [], None
         for path in keys:
-            try:
-                with fs.open_input_stream(path) as f:
-                    images.append(f.read())
-            except OSError:
-                images.append(b"")  # counted as a skip ("empty") by the decoder
+            def read(path=path):
+                with storage_errors(f"{uri} ({path})"), fs.open_input_stream(path) as f:
+                    return f.read()
+            images.append(with_retries(read, retries=read_retries))
     ok, skipped = 0, {}
     for i in range(0, len(keys), decode_batch_size):
         sl = slice(i, i + decode_batch_size)
@@ -362,20 +363,22 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     last_epoch = max(first_epoch + 1, start_image // max(1, stream.rows_per_epoch) + epochs)
     n = last_epoch - first_epoch
     # Epochs -> their items (tiny rows) -> one item per block -> one decode task per item.
-    ds = ray.data.range(n, override_num_blocks=n)
+    # (from_items: blocks put by the driver; ray.data.range would add a read task holding a whole CPU)
+    ds = ray.data.from_items([{"id": i} for i in range(n)], override_num_blocks=n)
     # One small task at a time expands epochs into items (a task per epoch at once would start a
     # worker process for each of the run's epochs).
     stats = stats_actor(run_id=run_id)
-    ds = ds.map_batches(_items_of_epoch, batch_size=1, num_cpus=0.01, concurrency=1,
+    ds = ds.map_batches(_items_of_epoch, batch_size=1, num_cpus=0.01, compute=ray.data.TaskPoolStrategy(size=1),
                         fn_kwargs={"num_units": stream.num_units, "first_epoch": first_epoch,
                                    "first_item": first_item, "run_id": run_id, "stats": stats})
     ds = ds.repartition(target_num_rows_per_block=1)
     class_index = {c: i for i, c in enumerate(info.classes)} if (info.classes and info.kind == "images") else None
     fn = functools.partial(load_and_decode, uri=info.uri, units=units, stream=stream, start=(first_item, first_row),
                            decode_batch_size=cfg.decode_batch_size, run_id=run_id, stats=stats,
+                           read_retries=cfg.read_retries,
                            tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index)
     ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
-                        concurrency=cfg.decode_concurrency)
+                        compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency))
     return ds, info, stream
 
 

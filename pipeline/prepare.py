@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 from .decode import DEFAULT_MAX_PIXELS, SkipImage, decode, open_image
 from .sources import MANIFEST, imagefolder_classes, label_of, relative_key, split_of
-from .storage import StorageError, fsspec_fs, list_files, parse_uri, storage_errors, write_bytes
+from .storage import (StorageError, check_visible_to_cluster, fsspec_fs, list_files, parse_uri, storage_errors,
+                      with_retries, write_bytes)
 
 FORMAT = "mae-shards/1"
 
@@ -29,6 +30,9 @@ class PrepareConfig:
     seed: int = 0
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    shared_fs: bool = False  # local src/dst are on a filesystem every node of the cluster mounts
+    probe_images: int = 2048  # per split: a class-balanced sample for the k-NN probe (probe-SPLIT.parquet)
+    read_retries: int = 4  # retries (with backoff) of a failed read, before the job fails
     rows_per_row_group: int = 64  # ~5 MB of ImageNet JPEGs: fine-grained read units
 
 
@@ -57,6 +61,37 @@ def plan_shards(files: list[tuple[str, int]], root_uri: str, cfg: PrepareConfig)
     return shards
 
 
+def plan_probe(files: list[tuple[str, int]], root_uri: str, cfg: PrepareConfig, classes: list | None) -> list[dict]:
+    """The k-NN probe's images, once, so that a run reads bytes in proportion to the probe images
+    it asks for (not the label column of every shard and the images of every shard holding one).
+
+    Per split, up to ``probe_images`` images, classes interleaved in a seeded random order: any
+    first n rows are a class-balanced random sample. Labeled (ImageFolder) sources only."""
+    if not classes or cfg.probe_images <= 0:
+        return []
+    import random
+    root = parse_uri(root_uri)
+    by: dict[str, dict[str, list]] = {}
+    for path, _ in files:
+        key = relative_key(root, path)
+        by.setdefault(split_of(key, cfg.seed, cfg.val_fraction), {}).setdefault(key.split("/", 1)[0], []).append(
+            [path, key])
+    out = []
+    for split in sorted(by):
+        rng = random.Random(f"{cfg.seed}:probe:{split}")
+        pools = [by[split][c] for c in sorted(by[split])]
+        for pool in pools:
+            rng.shuffle(pool)
+        order = sorted(range(len(pools)), key=lambda _: rng.random())  # which class goes first in a round
+        items, depth = [], 0
+        while len(items) < cfg.probe_images and any(depth < len(p) for p in pools):
+            items += [pools[c][depth] for c in order if depth < len(pools[c])]
+            depth += 1
+        out.append({"split": split, "name": f"probe-{split}.parquet", "items": items[:cfg.probe_images],
+                    "probe": True})
+    return out
+
+
 def validate(data: bytes, max_pixels: int) -> None:
     """Header, size guard and a full (DCT-reduced for JPEG) decode. Raises SkipImage."""
     img = open_image(data, max_pixels)
@@ -64,7 +99,7 @@ def validate(data: bytes, max_pixels: int) -> None:
 
 
 def write_shard(row: dict, *, src: str, dst: str, class_index: dict | None, max_pixels: int,
-                rows_per_row_group: int) -> dict:
+                rows_per_row_group: int, read_retries: int = 4) -> dict:
     """One Ray Data task: read, validate and write one shard. Returns its counts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -73,15 +108,17 @@ def write_shard(row: dict, *, src: str, dst: str, class_index: dict | None, max_
     fs, _ = fsspec_fs(src)
     keys, images, labels, skipped = [], [], [], []
     for path, key in shard["items"]:
-        try:
+        # A read error (not found after the listing, denied, throttled, reset) is not a property of
+        # the image: it is retried with backoff, then fails the job; only an image that is itself
+        # broken is a skip.
+        def read(path=path):
             with storage_errors(path):
-                data = fs.cat_file(path)
+                return fs.cat_file(path)
+        data = with_retries(read, retries=read_retries)
+        try:
             validate(data, max_pixels)
         except SkipImage as e:
             skipped.append({"key": key, "reason": e.reason})
-            continue
-        except StorageError as e:
-            skipped.append({"key": key, "reason": "unreadable", "detail": str(e)})
             continue
         keys.append(key)
         images.append(data)
@@ -93,7 +130,7 @@ def write_shard(row: dict, *, src: str, dst: str, class_index: dict | None, max_
     out = parse_uri(dst).join(shard["name"])
     write_bytes(out, buf.getvalue())
     return {"result": json.dumps({"split": shard["split"], "name": shard["name"], "count": len(keys),
-                                  "bytes": buf.tell(), "skipped": skipped})}
+                                  "bytes": buf.tell(), "skipped": skipped, "probe": shard.get("probe", False)})}
 
 
 @dataclass
@@ -112,19 +149,23 @@ def plan(cfg: PrepareConfig) -> Plan:
     files = [(p, s) for p, s in list_files(src) if not p.rsplit("/", 1)[-1].startswith(".")]
     if not files:
         raise StorageError(f"{cfg.src}: no files found (empty prefix?): check the source path")
+    if cfg.overwrite and dst.scheme != "file" and "/" not in dst.path.strip("/"):
+        raise StorageError(f"{cfg.dst}: --overwrite would delete the whole bucket: give a prefix "
+                           f"(e.g. {dst.scheme}://{dst.bucket}/shards)")
     existing = list_files(dst) if _exists(dst) else []
     if existing:
         if not cfg.overwrite:
             raise StorageError(f"{cfg.dst}: not empty ({len(existing)} files): choose an empty "
                                "destination or pass --overwrite")
     classes = imagefolder_classes(src, [p for p, _ in files])
-    return Plan(cfg, files, classes, plan_shards(files, str(src), cfg))
+    return Plan(cfg, files, classes, plan_shards(files, str(src), cfg) + plan_probe(files, str(src), cfg, classes))
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True, the_plan: Plan | None = None) -> dict:
     """Run the whole prepare; returns the manifest (also written to DST/manifest.json)."""
     import ray.data
 
+    check_visible_to_cluster({"SRC": cfg.src, "DST": cfg.dst}, shared_fs=cfg.shared_fs, setting="--shared-fs")
     pl = the_plan or plan(cfg)
     src, dst = parse_uri(cfg.src), parse_uri(cfg.dst)
     files, classes, shards = pl.files, pl.classes, pl.shards
@@ -136,15 +177,33 @@ def prepare(cfg: PrepareConfig, progress: bool = True, the_plan: Plan | None = N
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
+    # A failed task's own exception (not Ray Data's wrapper, whose cause is lost on the way here),
+    # so that a StorageError reaches the user as its one line.
+    raise_original, ctx.raise_original_map_exception = ctx.raise_original_map_exception, True
     ds = ray.data.from_items([{"shard": json.dumps(s)} for s in shards], override_num_blocks=len(shards))
     ds = ds.map(write_shard, fn_kwargs=dict(src=str(src), dst=str(dst), class_index=class_index,
                                             max_pixels=cfg.max_pixels,
-                                            rows_per_row_group=cfg.rows_per_row_group), num_cpus=1)
-    results = sorted((json.loads(r["result"]) for r in ds.take_all()), key=lambda r: r["name"])
+                                            rows_per_row_group=cfg.rows_per_row_group,
+                                            read_retries=cfg.read_retries), num_cpus=1)
+    try:
+        rows = ds.take_all()
+    except Exception as e:  # noqa: BLE001 - a task's StorageError, after its retries, as one line
+        cause = _storage_error_in(e)
+        if cause is None:
+            raise
+        raise StorageError(f"{cause}; no manifest was written: run again with --overwrite once the "
+                           "source reads") from None
+    finally:
+        ctx.raise_original_map_exception = raise_original
+    results = sorted((json.loads(r["result"]) for r in rows), key=lambda r: r["name"])
 
     splits: dict[str, dict] = {}
+    probe: dict[str, dict] = {}
     skipped = []
     for r in results:
+        if r["probe"]:  # a copy of some images of the split: not counted twice
+            probe[r["split"]] = {"file": r["name"], "count": r["count"]}
+            continue
         s = splits.setdefault(r["split"], {"files": [], "count": 0, "bytes": 0})
         s["files"].append(r["name"])
         s["count"] += r["count"]
@@ -162,11 +221,26 @@ def prepare(cfg: PrepareConfig, progress: bool = True, the_plan: Plan | None = N
         "counts": {"listed": len(files), "ok": sum(s["count"] for s in splits.values()),
                    "skipped": len(skipped), "skipped_by_reason": reasons},
         "splits": splits,
+        "probe": probe,
         "skipped": skipped,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("src", "dst", "overwrite")},
     }
     write_bytes(dst.join(MANIFEST), json.dumps(manifest, indent=1).encode())  # last: the marker
     return manifest
+
+
+def _storage_error_in(e: BaseException) -> str | None:
+    """The message of a StorageError that failed a task, found in what Ray Data raised, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError carries the task's own exception
+        if isinstance(cause, StorageError):
+            return str(cause).splitlines()[0]  # Ray Data appends lines about its retry settings
+        if type(e) is StorageError:
+            return str(e).splitlines()[0]
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
 
 
 def _exists(u) -> bool:

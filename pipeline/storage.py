@@ -172,6 +172,53 @@ def storage_errors(uri: str | URI) -> Iterator[None]:
         raise StorageError(explain(uri, e)) from None
 
 
+# ---------------------------------------------------------------------------- cluster
+def check_visible_to_cluster(paths: dict[str, str], *, shared_fs: bool, setting: str) -> None:
+    """Refuse a local path that the tasks and workers of a multi-node Ray cluster cannot see.
+
+    ``paths``: {name the user knows it by: path}. On one node a local path is fine (the demo); on
+    several, a checkpoint written or a file read on another node fails (or a listing made on the
+    driver names files that node does not have), unless every node mounts the same filesystem,
+    which the user declares with ``setting``."""
+    local = {k: v for k, v in paths.items() if v and parse_uri(v).scheme == "file"}
+    if shared_fs or not local:
+        return
+    import ray
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    scales = autoscaler_limits() is not None  # a cluster that adds nodes has several, if not yet
+    if nodes <= 1 and not scales:
+        return
+    name, value = next(iter(local.items()))
+    has = f"{nodes} nodes" if nodes > 1 else "an autoscaler that adds nodes"
+    raise StorageError(f"{name}={value} is a local path, but the Ray cluster has {has} and the others "
+                       "cannot see it: use an s3:// or gs:// URI, or, if every node mounts that path (NFS, "
+                       f"Lustre, FSx), say so with {setting}")
+
+
+def autoscaler_limits() -> dict | None:
+    """The most of each resource the cluster's autoscaler may bring up (None: a fixed cluster)."""
+    try:
+        from ray._private.state import state  # what Ray Data's own limits read; no public API yet
+        return state.get_max_resources_from_cluster_config() or None
+    except Exception:  # noqa: BLE001 - an older/newer Ray without it: treat as fixed
+        return None
+
+
+def with_retries(fn, *, retries: int = 4, first_delay_s: float = 0.5):
+    """``fn()``, run again with exponential backoff (jittered) when it raises a StorageError: a
+    throttled, reset or momentarily denied read outlasts the client's own quick retries. Raised
+    after ``retries`` more tries, with the count in the message."""
+    import random
+    import time
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except StorageError as e:
+            if attempt == retries:
+                raise StorageError(f"{e} (after {retries} retries)") from None
+            time.sleep(first_delay_s * 2**attempt * (0.5 + random.random()))
+
+
 # ---------------------------------------------------------------------------- helpers
 def exists(uri: str | URI) -> bool:
     fs, p = fsspec_fs(uri)

@@ -2,7 +2,8 @@
 
 Every listener gets an explicit free port; the head runs with token authentication (Ray 2.60's
 default for clusters) and with the S3 variables of the tests in its environment, standing in for
-the node role a cloud cluster would have. `stop()` runs `ray stop`.
+the node role a cloud cluster would have. `stop()` stops this head's processes only (found by
+the head's own temp dir in their command lines), never another Ray on the machine.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ class RayHead:
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
+        self.gcs_port = free_port()
         cmd = [os.path.join(BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-               "--dashboard-host=127.0.0.1", f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
+               "--dashboard-host=127.0.0.1", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--node-manager-port={free_port()}",
@@ -57,6 +59,43 @@ class RayHead:
             time.sleep(0.5)
         raise RuntimeError(f"the Ray job server at {self.address} did not answer in {timeout:.0f}s")
 
-    def stop(self) -> None:
-        subprocess.run([os.path.join(BIN, "ray"), "stop"], env=self.env,
-                       capture_output=True, timeout=120)
+    def pids(self) -> list[int]:
+        """Every live process of this head: GCS, raylet, dashboard, agents, workers, job drivers.
+        Each carries the head's temp dir (or its session dir under it) or its GCS address (the Ray
+        client server) on its command line, or descends from one that does."""
+        import psutil
+        ours = set()
+        marks = (self.temp_dir, f"127.0.0.1:{self.gcs_port}")
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(m in a for a in (p.info["cmdline"] or []) for m in marks):
+                ours.add(p.info["pid"])
+        for pid in list(ours):
+            try:
+                ours.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        ours.discard(os.getpid())
+        return sorted(ours)
+
+    def stop(self, grace: float = 10.0) -> None:
+        import psutil
+        procs = []
+        for pid in self.pids():
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=grace)
+        import shutil
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """A counting layer in front of the tests' S3 server, on 127.0.0.1: every request is forwarded as
 it came (headers, signature and body unchanged) and recorded (method, path, query, status, bytes),
-so that tests can count what the code asks of object storage."""
+so that tests can count what the code asks of object storage. ``fail_next`` makes it answer the
+next GETs of a key prefix with an error, as a throttling or flaky store does."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class CountingProxy:
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.requests: list[Request] = []
+        self.faults: list[list] = []  # [path prefix, GETs left to fail, status]
         self.lock = threading.Lock()
         proxy = self
 
@@ -52,8 +54,30 @@ class CountingProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else b""
 
+            def _fault(self) -> int | None:
+                if self.command != "GET":
+                    return None
+                path = unquote(urlsplit(self.path).path)
+                with proxy.lock:
+                    for f in proxy.faults:
+                        if f[1] > 0 and path.startswith(f[0]):
+                            f[1] -= 1
+                            proxy.requests.append(Request(time.time(), "GET", path, "", f[2], 0, 0))
+                            return f[2]
+                return None
+
             def _forward(self):
                 body = self._body()
+                status = self._fault()
+                if status is not None:
+                    code = {403: b"AccessDenied", 503: b"SlowDown"}.get(status, b"InternalError")
+                    msg = b"<Error><Code>" + code + b"</Code><Message>injected by the test proxy</Message></Error>"
+                    self.send_response_only(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
@@ -104,6 +128,15 @@ class CountingProxy:
     def since(self, mark: int = 0, prefix: str = "") -> list[Request]:
         with self.lock:
             return [r for r in self.requests[mark:] if r.path.startswith(prefix)]
+
+    def fail_next(self, prefix: str, times: int, status: int = 503) -> None:
+        """Answer the next ``times`` GETs of paths under ``prefix`` (/bucket/key) with ``status``."""
+        with self.lock:
+            self.faults.append([prefix, times, status])
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self.faults.clear()
 
     def stop(self) -> None:
         self.server.shutdown()

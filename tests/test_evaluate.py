@@ -31,7 +31,8 @@ def layout_shards(bucket, ray_cluster, tmp_path_factory):
     src = tmp_path_factory.mktemp("layout")
     write_labeled_folder(str(src), n_per_class=128, size=48, seed=2, kind="layout")
     dst = f"s3://{bucket}/eval-layout-shards"
-    prepare(PrepareConfig(src=str(src), dst=dst, shard_size_mb=0.05, val_fraction=0.25), progress=False)
+    prepare(PrepareConfig(src=str(src), dst=dst, shard_size_mb=0.05, val_fraction=0.25,
+                          shared_fs=True), progress=False)  # the simulated nodes share one disk
     return dst
 
 

@@ -51,9 +51,18 @@ def _worker(rank, world, port, out_path):
         t = loss.detach().clone()
         dist.all_reduce(t)
         losses.append(t.item() / world)
+    # the k-NN probe's features: each rank embeds its share (7 images: 4 + 3, padded), all get all
+    from jobs.core.probe import sharded_features
+    embedded = []
+    forward_features = model.forward_features
+    model.forward_features = lambda x: (embedded.append(x.shape[0]), forward_features(x))[1]
+    probe = torch.randint(0, 256, (7, cfg.num_patches, cfg.patch_dim), generator=torch.Generator().manual_seed(3),
+                          dtype=torch.uint8)
+    feats = sharded_features(model, probe, rank, world)
+    model.forward_features = forward_features
     if rank == 0:
-        torch.save({"losses": losses}, out_path)
-    torch.save({"local": local, "total": total}, f"{out_path}.{rank}")
+        torch.save({"losses": losses, "feats": feats}, out_path)
+    torch.save({"local": local, "total": total, "embedded": sum(embedded)}, f"{out_path}.{rank}")
     dist.destroy_process_group()
 
 
@@ -89,3 +98,12 @@ def test_fsdp2_two_ranks_match_unsharded(tmp_path):
     assert sum(s["local"] for s in shards) == total
     for s in shards:
         assert abs(s["local"] / total - 0.5) < 0.02
+        assert s["embedded"] == 4  # its share of the 7 probe images (padded), not all 7
+    from jobs.core.probe import features
+    probe = torch.randint(0, 256, (7, cfg.num_patches, cfg.patch_dim), generator=torch.Generator().manual_seed(3),
+                          dtype=torch.uint8)
+    want = features(model, probe)  # the trained unsharded model
+    feats = torch.load(out)["feats"]
+    for kind in ("cls", "mean"):
+        assert feats[kind].shape == want[kind].shape
+        assert torch.allclose(feats[kind], want[kind], atol=1e-4, rtol=1e-4), kind

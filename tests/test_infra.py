@@ -117,3 +117,142 @@ def test_images_and_versions_agree_with_pyproject():
     for name in MANIFESTS:
         doc = load("kuberay", name)
         assert _cluster_specs(doc)["rayVersion"] == ray_version
+
+
+# ---------------------------------------------------------------- token authentication
+# Ray 2.60 reads RAY_AUTH_MODE=token and the token from RAY_AUTH_TOKEN, else the file named by
+# RAY_AUTH_TOKEN_PATH (ray/_private/authentication). Every process that joins or calls the cluster
+# must get the same token, and the token must come from a secret, never from these files.
+
+def _exports(cmd: str) -> dict:
+    """Variables a shell command sets with `export A=b C=d;` before its `ray start`."""
+    out = {}
+    for m in re.finditer(r"\bexport\s+([^;&|]+)", cmd):
+        for tok in shlex.split(m.group(1)):
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                out[k] = v
+    return out
+
+
+def _norm_home(path: str) -> str:
+    return re.sub(r"^(\$HOME|\$\{HOME\})", "~", path)
+
+
+@pytest.mark.parametrize("key", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_launcher_starts_every_node_with_token_from_secret(key):
+    cfg = load("cluster", "aws.yaml")
+    cmds = cfg[key]
+    starts = [i for i, c in enumerate(cmds) if re.search(r"\bray start\b", c)]
+    assert starts, f"{key}: no `ray start`"
+    for i in starts:
+        env = _exports(cmds[i].split("ray start")[0])
+        assert env.get("RAY_AUTH_MODE") == "token", cmds[i]
+        assert "RAY_AUTH_TOKEN" not in env, "a token literal in the launcher config"
+        path = _norm_home(env.get("RAY_AUTH_TOKEN_PATH", ""))
+        assert path, f"{key}: ray start without RAY_AUTH_TOKEN_PATH"
+        # An earlier command of the same node writes that file from the secret store, with the
+        # node's role (no key in the command), and only a complete fetch replaces the file.
+        fetch = [c for c in cmds[:i] if "secretsmanager" in c and "get_secret_value" in c]
+        assert len(fetch) == 1, f"{key}: the token file is not fetched before ray start"
+        final = re.findall(r"(?:>|\bmv\s+\S+)\s+(\S+)", fetch[0])
+        assert final and _norm_home(final[-1]) == path, (final, path)
+        assert "&&" in fetch[0] and not re.search(r"AccessKey|aws_access_key|SecretKey", fetch[0])
+
+
+def test_launcher_head_and_workers_share_one_token_secret():
+    cfg = load("cluster", "aws.yaml")
+    ids = {re.search(r"SecretId='([^']+)'", c).group(1)
+           for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "SecretId=" in c}
+    assert len(ids) == 1
+    text = open(os.path.join(INFRA, "cluster", "aws.yaml")).read()
+    assert not re.search(r"RAY_AUTH_TOKEN=(?!\$)", text)  # never a literal token
+
+
+def _ray_pod_templates(doc):
+    spec = _cluster_specs(doc)
+    yield "head", spec["headGroupSpec"]["template"]
+    for g in spec["workerGroupSpecs"]:
+        yield g["groupName"], g["template"]
+
+
+def _auth_of(env: list, where: str) -> tuple:
+    """(secret name, key) the RAY_AUTH_TOKEN of a container env comes from; asserts token mode."""
+    by = {e["name"]: e for e in env or []}
+    assert by.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE is not token"
+    tok = by.get("RAY_AUTH_TOKEN")
+    assert tok is not None, f"{where}: no RAY_AUTH_TOKEN"
+    assert "value" not in tok, f"{where}: RAY_AUTH_TOKEN is a literal"
+    ref = tok["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"], where
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_every_ray_container_takes_token_from_secret(name):
+    doc = load("kuberay", name)
+    refs = set()
+    for group, pod in _ray_pod_templates(doc):
+        for c in pod["spec"]["containers"]:
+            refs.add(_auth_of(c.get("env"), f"{group}/{c['name']}"))
+            for e in c.get("env", []):  # no credential of any kind as a literal value
+                assert "value" not in e or not re.search(r"TOKEN|SECRET|ACCESS_KEY|PASSWORD", e["name"]), e
+        # object storage through the pod's service account (IRSA / workload identity), not keys
+        assert pod["spec"].get("serviceAccountName"), f"{group}: no serviceAccountName"
+        assert "AWS_ACCESS_KEY_ID" not in str(pod) and "AWS_SECRET_ACCESS_KEY" not in str(pod)
+    spec = _cluster_specs(doc)
+    if spec.get("enableInTreeAutoscaling"):  # the autoscaler sidecar talks to the GCS as well
+        refs.add(_auth_of(spec.get("autoscalerOptions", {}).get("env"), "autoscaler"))
+    if doc["kind"] == "RayJob":  # the submitter pod's `ray job submit` must send the same token
+        sub = doc["spec"]["submitterPodTemplate"]["spec"]["containers"]
+        assert sub
+        for c in sub:
+            refs.add(_auth_of(c.get("env"), f"submitter/{c['name']}"))
+    assert len(refs) == 1, f"{name}: containers read different token secrets: {refs}"
+
+
+def _job_config(argv_tail: list[str]):
+    """The PretrainConfig a RayJob entrypoint runs: its config file plus its section.field=value
+    overrides (search-space flags excluded)."""
+    from jobs.core.config import load as load_config
+    path, overrides, skip = None, [], False
+    for a in argv_tail:
+        if skip:
+            skip = False
+        elif a.startswith("--"):
+            skip = "=" not in a
+        elif a.endswith((".yaml", ".yml")) and path is None:
+            path = os.path.join(ROOT, a)
+        elif re.match(r"^[a-z_]+\.[A-Za-z_.]+=", a):
+            overrides.append(a)
+    return load_config(path, overrides)
+
+
+def test_gpu_nodes_advertise_only_the_cpus_their_trainers_hold():
+    """Ray Data decode tasks (data.decode_cpus each) go wherever logical CPUs are free. A GPU node
+    that advertises GPUs x scaling.cpus_per_worker CPUs is full once its trainers are placed, so the
+    decode runs on the CPU decode group and not on the cores the trainers need."""
+    from jobs.core.config import load as load_config
+    base = load_config(os.path.join(ROOT, "jobs", "configs", "mae_vit_base_imagenet.yaml"), [])
+    cfg = load("cluster", "aws.yaml")
+    gpu = cfg["available_node_types"]["gpu_h100"]
+    assert gpu["node_config"]["InstanceType"] == "p5.48xlarge" and gpu["resources"]["GPU"] == 8
+    assert gpu["resources"]["CPU"] == gpu["resources"]["GPU"] * base.scaling.cpus_per_worker
+    # the decode group keeps its CPUs (autodetected or explicit, but not zeroed)
+    assert cfg["available_node_types"]["cpu_decode"]["resources"].get("CPU", 1) >= base.data.decode_cpus
+
+    for name in MANIFESTS:
+        doc = load("kuberay", name)
+        groups = {g["groupName"]: g for g in _cluster_specs(doc)["workerGroupSpecs"]}
+        run = base
+        if doc["kind"] == "RayJob":
+            run = _job_config(shlex.split(doc["spec"]["entrypoint"])[3:])
+        g = groups["gpu-h100"]
+        gpus = int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        assert "num-cpus" in g["rayStartParams"], f"{name}: gpu-h100 advertises every core to Ray"
+        cpus = float(g["rayStartParams"]["num-cpus"])
+        assert cpus == gpus * run.scaling.cpus_per_worker, (name, cpus, gpus, run.scaling.cpus_per_worker)
+        # the pod still gets real cores for the trainers' threads; num-cpus only steers Ray's scheduler
+        assert float(g["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]) >= cpus
+        dec = groups["cpu-decode"]
+        assert "num-cpus" not in dec["rayStartParams"] or float(dec["rayStartParams"]["num-cpus"]) >= run.data.decode_cpus

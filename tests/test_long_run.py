@@ -68,7 +68,8 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
 
 def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_cluster, labeled_dir):
     shards = f"s3://{bucket}/many-shards"
-    m = prepare(PrepareConfig(src=labeled_dir, dst=shards, shard_size_mb=0.005, val_fraction=0.0), progress=False)
+    m = prepare(PrepareConfig(src=labeled_dir, dst=shards, shard_size_mb=0.005, val_fraction=0.0,
+                          shared_fs=True), progress=False)  # the simulated nodes share one disk
     assert len(m["splits"]["train"]["files"]) >= 20  # many small shards (ImageNet has ~1,000)
     common = ["model.preset=mae_vit_micro_patch4", f"data.source={shards}", "data.decode_batch_size=8",
               "data.rows_per_unit=8", "data.shuffle_buffer=16", "train.batch_size=8", "train.log_every=1",

@@ -138,6 +138,61 @@ def test_image_folder_source_skips_and_counts_bad_files(src_dir, bucket, ray_clu
     assert all(ex for ex in s["examples"].values())
 
 
+def test_prepare_retries_read_errors_and_never_records_them_as_skips(prepared, bucket, s3):
+    dst, m, _ = prepared
+    src = f"s3://{bucket}/raw"
+    prefix = f"/{bucket}/raw/{CLASSES[2]}/"
+    # denied twice (the S3 client does not retry a 403): the shard's task runs again and succeeds
+    s3.proxy.fail_next(prefix, 2, status=403)
+    mark = s3.proxy.mark()
+    m2 = prepare(PrepareConfig(src=src, dst=f"s3://{bucket}/shards-flaky", shard_size_mb=0.02, val_fraction=0.25),
+                 progress=False)
+    assert sum(r.status == 403 for r in s3.proxy.since(mark)) == 2
+    assert m2["counts"] == m["counts"] and m2["splits"] == m["splits"]  # nothing lost, no "unreadable" skip
+    # denied for good: the job fails with one line naming the file, and writes no manifest
+    s3.proxy.fail_next(prefix, 10_000, status=403)
+    try:
+        with pytest.raises(StorageError) as e:
+            prepare(PrepareConfig(src=src, dst=f"s3://{bucket}/shards-denied", shard_size_mb=0.02), progress=False)
+    finally:
+        s3.proxy.clear_faults()
+    msg = str(e.value)
+    assert "\n" not in msg and f"raw/{CLASSES[2]}/" in msg and "retries" in msg, msg
+    from pipeline.storage import exists
+    assert not exists(f"s3://{bucket}/shards-denied/manifest.json")
+    # --overwrite never deletes a whole bucket
+    with pytest.raises(StorageError, match="whole bucket"):
+        prepare(PrepareConfig(src=src, dst=f"s3://{bucket}", overwrite=True), progress=False)
+    assert exists(f"{dst}/manifest.json")
+
+
+def test_decode_tasks_retry_transient_storage_errors(prepared, src_dir, bucket, s3):
+    """The store fails one shard's reads (and one folder image's) more often than the S3 client's
+    own 8 quick attempts cover: the decode task retries the read with backoff; every image
+    arrives, none is lost or recorded as a skip."""
+    import ray
+    dst, m, _ = prepared
+    stats = stats_actor()
+    shard = m["splits"]["train"]["files"][0]
+    ray.get(stats.reset.remote())
+    cfg = DataConfig(source=dst, split="train", img_size=32, patch_size=4, augment=False, rows_per_unit=6)
+    ds, info, _ = build_dataset(cfg)  # (footers are read here, before the faults)
+    s3.proxy.fail_next(f"/{bucket}/shards/{shard}", 9, status=500)
+    mark = s3.proxy.mark()
+    rows = sum(len(b["patches"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
+    assert sum(r.status == 500 for r in s3.proxy.since(mark)) == 9  # the faults happened
+    assert rows == m["splits"]["train"]["count"] and pipeline_stats()["ok"] == rows
+    # an image folder: a read error is retried, not counted as an "empty" image
+    root, odd = src_dir
+    ray.get(stats.reset.remote())
+    cfg = DataConfig(source=f"s3://{bucket}/raw", img_size=32, patch_size=4, rows_per_unit=8)
+    ds, _, _ = build_dataset(cfg)
+    s3.proxy.fail_next(f"/{bucket}/raw/{CLASSES[1]}/", 9, status=500)
+    rows = sum(len(b["patches"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
+    assert rows == 40 + sum(odd.values())
+    assert sum(pipeline_stats()["skipped"].values()) == sum(not v for v in odd.values())
+
+
 def test_resolve_errors_are_one_line(bucket, s3):
     with pytest.raises(StorageError, match="bucket does not exist"):
         resolve("s3://no-such-bucket-here/x")

@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def shards(labeled_dir, bucket, ray_cluster):
     dst = f"s3://{bucket}/pretrain-shards"
-    prepare(PrepareConfig(src=labeled_dir, dst=dst, shard_size_mb=0.05), progress=False)
+    prepare(PrepareConfig(src=labeled_dir, dst=dst, shard_size_mb=0.05,
+                          shared_fs=True), progress=False)  # the simulated nodes share one disk
     return dst
 
 
@@ -66,7 +67,8 @@ def scratch_dirs():
 
 
 def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(shards, bucket, tmp_path):
-    cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8")
+    cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8",
+                 "scaling.placement_strategy=SPREAD")  # the default, PACK, would put both on one node
     counter = str(tmp_path / "reports.jsonl")
     before = scratch_dirs()
     from ray.util.state import list_actors
@@ -155,6 +157,71 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     assert done.error is None and done.metrics["step"] == 16
     assert done.metrics["loss"] == pytest.approx(b[16]["loss"], rel=1e-9)
     assert len(metrics_of(again)) == len(m)  # no step was run again
+
+
+def test_trainers_holding_every_cpu_are_refused_at_launch(shards, bucket):
+    """The cluster has 6 CPUs; 2 workers x 3 CPUs would leave none for the decode tasks, and the
+    run would wait forever with its data 'backpressured'. It is refused before anything starts."""
+    from jobs.core.common import UserError
+    cfg = config(shards, bucket, "starved", "train.max_steps=2", "scaling.cpus_per_worker=3")
+    with pytest.raises(UserError, match="data.decode_cpus") as e:
+        fit(cfg)
+    assert "scaling.cpus_per_worker" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_local_paths_are_refused_on_a_multi_node_cluster(shards, bucket, labeled_dir, tmp_path):
+    """On 3 nodes a local path is seen by one of them only: refused at launch, naming the field."""
+    from pipeline.storage import StorageError
+    with pytest.raises(StorageError, match=r"run.storage_path=.* local path, but the Ray cluster has 3 nodes"):
+        fit(config(shards, bucket, "local", f"run.storage_path={tmp_path}/runs"))
+    with pytest.raises(StorageError, match="data.source=.*run.shared_fs=true"):
+        fit(config(shards, bucket, "local", f"data.source={labeled_dir}"))
+    with pytest.raises(StorageError, match="SRC=.*--shared-fs"):
+        prepare(PrepareConfig(src=labeled_dir, dst=f"s3://{bucket}/never"))
+    from pipeline.storage import exists
+    assert not exists(f"s3://{bucket}/runs/local/config.yaml")  # refused before anything was written
+
+
+def test_on_a_node_with_its_own_disk_local_paths_are_refused_and_s3_runs(shards, bucket, labeled_dir, tmp_path):
+    """The simulated nodes above share one disk, which hides what a real cluster does to a local
+    path. Here a node sees only its own disk: local paths are refused at launch; the same run on
+    the S3 server trains on that node and its checkpoint is there for everyone."""
+    import ray
+    from privatenode import PrivateNode
+    from pipeline.storage import StorageError
+    basetemp = os.path.commonpath([labeled_dir, str(tmp_path)])  # every test's temp dirs
+    node = PrivateNode(ray.get_runtime_context().gcs_address, hidden=[basetemp], resource="own_disk")
+    try:
+        sees = ray.remote(num_cpus=0, resources={"own_disk": 1})(os.path.isdir)
+        assert os.path.isdir(labeled_dir) and ray.get(sees.remote(labeled_dir)) is False  # another machine's view
+        on_node = ["scaling.num_workers=1", "scaling.resources_per_worker={own_disk: 1}", "train.max_steps=2",
+                   "train.ckpt_every=2"]
+        with pytest.raises(StorageError, match="run.storage_path=.*local path"):
+            fit(config(shards, bucket, "own-disk-local", *on_node, f"run.storage_path={tmp_path}/runs"))
+        from ray.util.state import list_actors
+        before = {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)}
+        cfg = config(shards, bucket, "own-disk-s3", *on_node)
+        fit(cfg)
+        assert ckpt.latest_complete(run_dir_of(cfg))["step"] == 2
+        ran_on = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)
+                  if a.actor_id not in before}
+        assert ran_on == {node.node_id}
+    finally:
+        node.stop()
+
+
+def test_a_failed_run_is_one_line_and_exit_1(shards, bucket, capsys):
+    """Train V2's fit() raises when the workers fail: the user sees the worker's own error in one
+    line (here: rank 0 cannot read model.init_from), not the chain of tracebacks."""
+    from jobs.pretrain import main
+    missing = f"s3://{bucket}/no/such/encoder.pth"
+    with pytest.raises(SystemExit) as e:
+        main(["model.preset=mae_vit_micro_patch4", f"data.source={shards}", "train.max_steps=2", "train.batch_size=8",
+              "scaling.num_workers=2", "run.max_failures=0", f"model.init_from={missing}",
+              f"run.storage_path=s3://{bucket}/runs", "run.name=fails"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1
+    assert err[-1].startswith("mae pretrain: error: the run failed: rank 0: ") and "no/such/encoder.pth" in err[-1], err
 
 
 def test_bad_config_is_one_line(shards, bucket):

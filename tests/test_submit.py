@@ -1,8 +1,7 @@
 """`mae submit` / `mae jobs` against a real Ray head (`ray start --head`, token auth on), the jobs
 writing to the tests' S3 server; then `mae ckpt list | pull | export` on what the job wrote.
 
-These tests run first in the session (see conftest): they end with `ray stop`, which stops every
-Ray process of the machine, so the shared in-process cluster must not be up yet.
+The head is stopped by its own processes' PIDs: the shared test cluster lives on beside it.
 """
 
 import json
@@ -14,7 +13,7 @@ import pytest
 
 from pipeline.storage import fsspec_fs
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow, pytest.mark.cluster_head]
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,3 +151,51 @@ def test_failed_and_stopped_jobs_exit_with_their_status(head, bucket, labeled_di
     assert r.returncode == 0 and "stop requested" in r.stdout
     r = mae("jobs", "--address", head.address, "logs", sid, "--follow", token=head.token)
     assert r.returncode == 3 and "STOPPED" in r.stderr
+
+
+def test_a_job_ships_the_project_allowlist_not_the_checkout():
+    import shutil
+
+    from jobs.submit import build_submission
+    sub = build_submission(["pretrain", "train.max_steps=1"], env_names=[], working_dir=None, pip=[],
+                           entrypoint_num_cpus=None, entrypoint_num_gpus=None, submission_id=None)
+    wd = sub["kwargs"]["runtime_env"]["working_dir"]
+    try:
+        assert wd != ROOT and sorted(os.listdir(wd)) == ["jobs", "mae_model", "pipeline", "pyproject.toml"]
+        shipped = [os.path.join(d, f) for d, _, fs in os.walk(wd) for f in fs]
+        assert os.path.join(wd, "jobs", "core", "trainer.py") in shipped
+        assert not [f for f in shipped if "__pycache__" in f or f.endswith(".pyc")]
+    finally:
+        shutil.rmtree(wd)
+
+
+def test_a_command_started_with_ray_address_runs_the_shipped_code_and_env(ray_cluster, s3):
+    """`RAY_ADDRESS=... mae pretrain` (no `mae submit`): the cluster's workers get the same
+    allowlisted code and storage settings as a submitted job, and no credential."""
+    import ray
+    probe = ("import json, os, ray; from jobs.core.common import init_ray; init_ray()\n"
+             "f = ray.remote(lambda: (sorted(os.listdir('.')), ray.get_runtime_context().runtime_env['env_vars']))\n"
+             "print(json.dumps(ray.get(f.remote())))")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    listing, job_env = json.loads(r.stdout.strip().splitlines()[-1])
+    assert listing == ["jobs", "mae_model", "pipeline", "pyproject.toml"]  # the task runs in the shipped code
+    from jobs.core.ship import ENV_ALLOW
+    assert job_env == {k: v for k, v in s3.env().items() if k in ENV_ALLOW}  # storage settings, no keys
+    assert "AWS_SECRET_ACCESS_KEY" not in job_env and "AWS_ACCESS_KEY_ID" not in job_env
+
+
+def test_stopping_the_head_stops_its_processes_and_no_other_ray(head, ray_cluster):
+    """Last in this module: the head goes (the fixture's teardown then finds nothing to stop)."""
+    import psutil
+    import ray
+    mine = head.pids()
+    assert len(mine) >= 3  # GCS, raylet, dashboard at least
+    others = [p.pid for p in psutil.process_iter(["cmdline"])
+              if any("raylet" in a or "gcs_server" in a for a in (p.info["cmdline"] or [])) and p.pid not in mine]
+    assert others  # the shared cluster's
+    head.stop()
+    assert not [p for p in mine if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert all(psutil.pid_exists(p) for p in others)
+    assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42  # the shared cluster still works

@@ -30,8 +30,56 @@ def tune_shards(bucket, ray_cluster, tmp_path_factory):
     src = tmp_path_factory.mktemp("tune-labeled")
     write_labeled_folder(str(src), n_per_class=48, size=48, seed=1)  # 192 images, 4 classes
     dst = f"s3://{bucket}/tune-shards"
-    prepare(PrepareConfig(src=str(src), dst=dst, shard_size_mb=0.05, val_fraction=0.3), progress=False)
+    prepare(PrepareConfig(src=str(src), dst=dst, shard_size_mb=0.05, val_fraction=0.3, rows_per_row_group=8,
+                          shared_fs=True), progress=False)  # the simulated nodes share one disk
     return dst
+
+
+def test_concurrency_counts_gpus_and_a_trial_that_cannot_fit_is_one_line():
+    from jobs.core.common import UserError
+    from jobs.core.config import PretrainConfig, load
+    from jobs.tune import max_concurrent, trial_resources
+    gpu = load(None, ["data.source=s3://b/shards", "scaling.num_workers=4", "scaling.use_gpu=true", "scaling.cpus_per_worker=1"])
+    assert trial_resources(gpu) == {"CPU": pytest.approx(0.01 + 4 + 1.01), "GPU": 4}
+    assert max_concurrent(gpu, {"CPU": 128, "GPU": 8}) == 2  # the GPUs bound it, not the 128 CPUs
+    assert max_concurrent(gpu, {"CPU": 6, "GPU": 8}) == 1
+    with pytest.raises(UserError, match="0 GPUs"):
+        max_concurrent(gpu, {"CPU": 128})
+    # the hang of a 2-core machine: 2 workers x 0.5 CPU + the trial driver leave 0.99 CPU, less
+    # than one decode task needs; refused in one line instead of waiting forever
+    cpu = load(None, ["data.source=s3://b/shards", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"])
+    with pytest.raises(UserError, match="data.decode_cpus"):
+        max_concurrent(cpu, {"CPU": 2})
+    assert max_concurrent(cpu, {"CPU": 4}) == 1
+    # training workers go to as few nodes as possible (intra-node collectives) unless told otherwise
+    assert PretrainConfig().scaling.placement_strategy == "PACK"
+
+
+def test_probe_images_cost_bytes_in_proportion_and_are_class_balanced(tune_shards, bucket, s3):
+    """A trial's k-NN images come from the probe split `mae prepare` wrote: the first rows only, not
+    the label column of every shard plus the image column of each shard holding a chosen row."""
+    import numpy as np
+
+    from jobs.core.config import load
+    from jobs.core.launch import probe_data
+    from pipeline.storage import list_files
+    def probe(n_train, n_val):
+        cfg = load(None, [*BASE, f"data.source={tune_shards}", "train.knn_eval=true",
+                          f"train.knn_train_images={n_train}", f"train.knn_val_images={n_val}"])
+        mark = s3.proxy.mark()
+        p = probe_data(cfg)
+        return p, sum(r.received for r in s3.proxy.since(mark, f"/{bucket}/tune-shards/") if r.method == "GET")
+
+    p, read = probe(32, 16)
+    _, read_small = probe(8, 4)
+    assert np.bincount(p["train_y"]).tolist() == [8, 8, 8, 8]  # 4 classes, balanced
+    assert np.bincount(p["val_y"]).tolist() == [4, 4, 4, 4]
+    files = [size for path, size in list_files(tune_shards) if path.endswith(".parquet") and "/probe-" not in path]
+    per_image = sum(files) / 192
+    # 36 more images cost about 36 images' bytes (row groups of 8 round it up), and the whole read
+    # (with the manifest and the probe files' footers) is well under the dataset's bytes
+    assert 0 < read - read_small < 3 * 36 * per_image, (read, read_small, per_image)
+    assert read < 0.6 * sum(files), (read, sum(files))
 
 
 def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, bucket):
@@ -45,7 +93,7 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     # with objective 0). Bad trials come last so that ASHA has the others' results at its rung.
     space = {"model.overrides.mask_ratio": [0.75], "optim.lr": [0.005, 0.002, 5.0, 1000.0]}
     grid, rows, tune_dir = run_tune(base, space, name="search", storage=f"s3://{bucket}/tune",
-                                    max_concurrent=1, restore=False)
+                                    max_concurrent_trials=1, restore=False)
     print(json.dumps(rows, indent=1))
     assert len(rows) == 4
     by_lr = {r["optim.lr"]: r for r in rows}
@@ -80,7 +128,7 @@ def test_optuna_search_is_model_based_over_the_same_objective(tune_shards, bucke
                        f"run.storage_path=s3://{bucket}/tune-optuna"])
     space = {"model.overrides.mask_ratio": [0.5, 0.75, 0.9], "model.overrides.decoder_depth": [1, 2]}
     grid, rows, tune_dir = run_tune(base, space, name="tpe", storage=f"s3://{bucket}/tune-optuna",
-                                    search="optuna", num_samples=2, max_concurrent=1, restore=False)
+                                    search="optuna", num_samples=2, max_concurrent_trials=1, restore=False)
     assert len(rows) == 2
     for r in rows:  # every trial drew its values from the space and reported the objective
         assert r["model.overrides.mask_ratio"] in (0.5, 0.75, 0.9) and r["model.overrides.decoder_depth"] in (1, 2)

@@ -13,9 +13,30 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit status 2."""
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kw):
+class RunFailed(RuntimeError):
+    """A run that started and failed (after its retries): printed as one line, exit status 1."""
+
+
+def failure_line(e: BaseException) -> str:
+    """One line for what Ray Train V2's ``fit()`` raised: the failing worker's own error (rank
+    and exception type, first line), not the whole chain of tracebacks."""
+    failures = getattr(e, "worker_failures", None)
+    rank, err = (min(failures.items(), key=lambda kv: kv[0]) if failures else
+                 (None, getattr(e, "controller_failure", None) or e))
+    while getattr(err, "cause", None) is not None:  # a RayTaskError carries the raised exception
+        err = err.cause
+    lines = [x for x in str(err).splitlines() if x.strip()]
+    where = f"rank {rank}: " if rank is not None else ""
+    return redact(f"{where}{type(err).__name__}: {lines[0] if lines else ''}".strip())
+
+
+def init_ray(address: str | None = None, num_cpus: float | None = None, **kw):
     """Connect to ``address`` (or ``RAY_ADDRESS``); else start a local single-node Ray on
-    127.0.0.1. Storage variables are forwarded so that workers reach the same endpoint."""
+    127.0.0.1 with at least ``num_cpus`` logical CPUs (what the job's trainers and its data
+    pipeline need together: on a 2-core machine the trainers alone would hold every CPU and the
+    decode tasks would never start)."""
+    import math
+
     import ray
 
     if ray.is_initialized():
@@ -25,9 +46,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kw):
         raise UserError(f"Ray address {address} is a job server (dashboard) address: send the job there with "
                         "`mae submit -- COMMAND ...`, or give a cluster address (host:6379, ray://host:10001)")
     if address:
-        ray.init(address=address, log_to_driver=True, **kw)
+        from jobs.core.ship import allowed_env, inside_ray_job, project_root, stage
+        if inside_ray_job() or "runtime_env" in kw:
+            ray.init(address=address, log_to_driver=True, **kw)
+        else:
+            # Started by hand against a cluster: its workers get what `mae submit` would give a job,
+            # this checkout's code (an allowlist) and the allow-listed storage settings.
+            root = project_root()
+            wd = stage(root) if root else None
+            env = {"env_vars": allowed_env(), **({"working_dir": wd} if wd else {})}
+            try:
+                ray.init(address=address, log_to_driver=True, runtime_env=env, **kw)
+            finally:  # uploaded by init; the copy is no longer needed
+                if wd:
+                    import shutil
+                    shutil.rmtree(wd, ignore_errors=True)
     else:
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=True,
+        try:  # the container's share (cgroup quota, affinity), not the host's cores
+            from ray._private.utils import get_num_cpus
+            have = get_num_cpus()
+        except Exception:  # noqa: BLE001
+            have = os.cpu_count() or 1
+        cpus = max(int(have), math.ceil(num_cpus or 0))
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", **kw)
     return ray
 
@@ -41,6 +82,35 @@ def one_line_errors(prog: str):
     except (UserError, StorageError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"{prog}: error: {redact(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunFailed as e:
+        print(f"{prog}: error: the run failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def cluster_capacity() -> dict:
+    """Resources the cluster has, or may have once its autoscaler has added nodes (a cluster that
+    scales from zero workers has no CPUs yet, and must not be refused for it)."""
+    import ray
+
+    from pipeline.storage import autoscaler_limits
+    now = dict(ray.cluster_resources())
+    for k, v in (autoscaler_limits() or {}).items():
+        now[k] = max(now.get(k, 0.0), float(v))
+    return now
+
+
+def check_data_cpus(need_trainers: float, need_data: float, *, what: str) -> None:
+    """Refuse at launch what would hang: a job whose trainers (and Tune trial drivers) hold so many
+    of the cluster's CPUs that the data pipeline's decode tasks can never be scheduled (Ray Data
+    shows them 'backpressured' and raises nothing)."""
+    total = cluster_capacity().get("CPU", 0.0)
+    if total + 1e-9 >= need_trainers + need_data:
+        return
+    raise UserError(
+        f"{what}: the Ray cluster has {total:g} CPUs; the trainers hold {need_trainers:g} "
+        f"(scaling.num_workers x scaling.cpus_per_worker), leaving {max(0.0, total - need_trainers):g} for the "
+        f"data pipeline, which needs {need_data:g} (data.decode_cpus): lower scaling.cpus_per_worker or "
+        "data.decode_cpus, or add CPUs to the cluster (a local Ray: start it with more logical CPUs)")

@@ -81,13 +81,16 @@ class ScalingSection:
     use_gpu: bool = _f(False, "one GPU per worker")
     cpus_per_worker: float = _f(1.0, "CPUs reserved by each training worker")
     resources_per_worker: dict = _f({}, "extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
-    placement_strategy: str = _f("SPREAD", "PACK | SPREAD | STRICT_PACK | STRICT_SPREAD")
+    placement_strategy: str = _f("PACK", "PACK (fewest nodes: NVLink/intra-node collectives) | SPREAD | "
+                                         "STRICT_PACK | STRICT_SPREAD")
 
 
 @dataclass
 class RunSection:
     name: str = _f("mae-pretrain", "run name: the same name and storage_path resume the run")
     storage_path: str = _f("./runs", "where runs live: s3://bucket/prefix, gs://..., or a local path")
+    shared_fs: bool = _f(False, "local paths (data.source, run.storage_path, model.init_from) are on a "
+                                "filesystem every node mounts; else they are refused on a multi-node cluster")
     max_failures: int = _f(3, "restarts of the worker group from the latest checkpoint on failure")
     address: str = _f("", "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
@@ -269,6 +272,7 @@ DATA_HELP = {
     "rows_per_unit": "images per read unit: one task reads and decodes one unit",
     "decode_concurrency": "max parallel decode tasks (null: Ray Data decides)",
     "decode_cpus": "CPUs reserved per decode task",
+    "read_retries": "retries, with backoff, of a failed storage read (throttled, reset) before the run fails",
     "max_data_cpus": "cap on CPUs Ray Data may use (null: all not used by training)",
     "prefetch_batches": "batches prefetched by each training worker",
     "reduced_decode": "JPEG DCT-scaled decode when the crop allows",

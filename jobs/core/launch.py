@@ -14,11 +14,24 @@ import time
 import numpy as np
 
 from jobs.core import checkpoint as ckpt
-from jobs.core.common import UserError
+from jobs.core.common import RunFailed, UserError, failure_line
 from jobs.core.config import PretrainConfig
 from pipeline.dataset import build_dataset
 from pipeline.sources import SourceInfo, resolve
-from pipeline.storage import Store, fsspec_fs, parse_uri, pyarrow_fs, read_bytes
+from pipeline.storage import (Store, check_visible_to_cluster, fsspec_fs, parse_uri, pyarrow_fs, read_bytes,
+                              storage_errors)
+
+
+def cpu_needs(cfg: PretrainConfig) -> tuple[float, float]:
+    """-> (CPUs the Train workers hold, CPUs the data pipeline needs to make progress: one decode
+    task plus the sliver of the task that lists each epoch's items)."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, cfg.data.decode_cpus + 0.01
+
+
+def paths_of(cfg: PretrainConfig) -> dict:
+    """The paths every node of the run must see."""
+    return {"data.source": cfg.data.source, "run.storage_path": cfg.run.storage_path,
+            "model.init_from": cfg.model.init_from}
 
 
 def run_dir_of(cfg: PretrainConfig) -> str:
@@ -26,9 +39,23 @@ def run_dir_of(cfg: PretrainConfig) -> str:
 
 
 def _labeled_images(cfg: PretrainConfig, split: str, n: int) -> tuple[list[bytes], list[int]]:
-    """Up to n (image bytes, label) of a split, spread evenly over the split's files."""
+    """Up to n (image bytes, label) of a split: the first n of its probe file (bytes read in
+    proportion to n); for shards without one, spread evenly over the split's files."""
     info = resolve(cfg.data.source, split, cfg.data.val_fraction or 0.2, cfg.data.seed)
-    if info.kind == "parquet":
+    probe = (info.manifest.get("probe") or {}).get(split) if info.kind == "parquet" else None
+    if probe:  # written by `mae prepare`: the first n rows are a class-balanced sample; read only those
+        import pyarrow.parquet as pq
+        fs, _ = pyarrow_fs(info.uri)
+        path = parse_uri(info.uri).join(probe["file"])
+        with storage_errors(path), fs.open_input_file(path.path) as f:
+            pf = pq.ParquetFile(f)
+            groups, rows = [], 0
+            while rows < n and len(groups) < pf.num_row_groups:
+                rows += pf.metadata.row_group(len(groups)).num_rows
+                groups.append(len(groups))
+            t = pf.read_row_groups(groups, columns=["image", "label"]).slice(0, n)
+        pairs = [(i, lab) for i, lab in zip(t["image"].to_pylist(), t["label"].to_pylist()) if lab is not None]
+    elif info.kind == "parquet":  # shards of an earlier version, without a probe split
         import pyarrow.parquet as pq
         fs, _ = pyarrow_fs(info.uri)
         # Evenly spaced over the whole split (shards are sorted by key, i.e. by class): read the
@@ -148,15 +175,20 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: d
             "t_launch": t_launch, "config_yaml": cfg.to_yaml(), "vis": vis, "probe": probe_data(cfg)}
 
 
-def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None):
+def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None,
+        check_cpus: bool = True):
     """Build and run the TorchTrainer. Returns (ray.train.Result, plan)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from jobs.core.common import check_data_cpus
     from jobs.core.trainer import train_loop_per_worker
     from pipeline.dataset import stats_actor
 
     t_launch = t_launch or time.time()
+    if check_cpus:  # off in a Tune trial: `mae tune` checked that a whole trial fits
+        check_data_cpus(*cpu_needs(cfg), what=f"run {cfg.run.name}")
+    check_visible_to_cluster(paths_of(cfg), shared_fs=cfg.run.shared_fs, setting="run.shared_fs=true")
     run = Store(run_dir_of(cfg))
     latest = ckpt.latest_complete(run)
     resumed = ckpt.read_train_state(run.child(latest["name"])) if latest else None
@@ -198,7 +230,10 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
         datasets={"train": ds},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()  # Train V2 raises when the run fails after its retries
+    except ray.train.TrainingFailedError as e:
+        raise RunFailed(failure_line(e)) from None
     return result, plan
 
 

@@ -76,6 +76,30 @@ def features(model, patches: torch.Tensor, batch_size: int = 128) -> dict[str, t
     return {kk: torch.cat(v) for kk, v in out.items()}
 
 
+@torch.no_grad()
+def sharded_features(model, patches: torch.Tensor, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """patches uint8 (N, L, D), the same on every rank -> {"cls", "mean"} float32 (N, E) on CPU,
+    on every rank. Each rank embeds its own 1/world of the images (padded to equal chunks, so every
+    rank makes the same forward calls, which FSDP's collectives need); the features are then
+    all-gathered."""
+    import torch.distributed as dist
+    n = patches.shape[0]
+    per = -(-n // world)
+    mine = patches[rank * per:(rank + 1) * per]
+    short = per - mine.shape[0]
+    if short:  # the last ranks' chunks are short (or empty): pad with copies of an image
+        mine = torch.cat([mine, patches[:1].expand(short, *patches.shape[1:])])
+    f = features(model, mine)
+    out = {}
+    for kind, v in f.items():
+        t = v.to(patches.device)
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)
+        real = [max(0, min(per, n - r * per)) for r in range(world)]
+        out[kind] = torch.cat([p[:k] for p, k in zip(parts, real)]).cpu()
+    return out
+
+
 def evaluate_features(train: dict, train_y, val: dict, val_y, num_classes=None, linear: bool = True) -> dict:
     res = {}
     for kind in ("cls", "mean"):

@@ -29,7 +29,7 @@ from jobs.core import checkpoint as ckpt
 from jobs.core.config import PretrainConfig
 from jobs.core.metrics import MetricsLogger, fmt_eta, local_state_mb, peak_flops, peak_memory_mb
 from jobs.core.optim import build_optimizer, lr_at
-from jobs.core.probe import features, knn_top1
+from jobs.core.probe import knn_top1, sharded_features
 from jobs.core.visualize import reconstruction_grid, save_png
 from mae_model import MaskedAutoencoder
 from mae_model.parallelize import mixed_precision, parallelize
@@ -231,9 +231,10 @@ class Trainer:
         return False
 
     def knn(self, m: dict) -> None:
-        """The tuning objective on held-out labeled images (every rank runs the collective forward)."""
-        ftr = features(self.model, self.probe["train"].to(self.device))
-        fva = features(self.model, self.probe["val"].to(self.device))
+        """The tuning objective on held-out labeled images: each rank embeds its share, every rank
+        gets all features (all-gather) and computes the same k-NN."""
+        ftr = sharded_features(self.model, self.probe["train"].to(self.device), self.rank, self.world)
+        fva = sharded_features(self.model, self.probe["val"].to(self.device), self.rank, self.world)
         for kind in ("cls", "mean"):
             m[f"knn_top1/{kind}"] = knn_top1(ftr[kind], self.probe["train_y"], fva[kind], self.probe["val_y"])
         m["knn_top1"] = m[f"knn_top1/{self.cfg.train.knn_feature}"]

@@ -1,0 +1,46 @@
+"""What a job takes to the cluster: the project's code (an allowlist, never whatever else lies in
+the checkout: notes, keys, data, virtualenvs) and a short list of non-secret storage settings.
+
+Used by ``mae submit`` (the job's runtime_env) and by every command started with ``RAY_ADDRESS``
+pointing at a cluster (the driver's runtime_env), so both run the same code with the same
+environment on the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+PROJECT = ("pipeline", "mae_model", "jobs", "pyproject.toml")  # what the workers import, and its metadata
+ENV_ALLOW = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*")
+
+
+def project_root() -> str | None:
+    """This checkout, when the code runs from one (an installed package ships nothing)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return root if os.path.isfile(os.path.join(root, "pyproject.toml")) else None
+
+
+def stage(root: str) -> str:
+    """A temporary copy of the allowlisted project files of ``root`` (the caller removes it)."""
+    out = tempfile.mkdtemp(prefix="mae-ship-")
+    for name in PROJECT:
+        src = os.path.join(root, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(out, name), ignore=_SKIP)
+        elif os.path.isfile(src):
+            shutil.copy2(src, os.path.join(out, name))
+    return out
+
+
+def allowed_env() -> dict[str, str]:
+    """The allow-listed settings that are set in this shell (no credentials: cluster nodes reach
+    object storage with their own roles)."""
+    return {k: os.environ[k] for k in ENV_ALLOW if os.environ.get(k)}
+
+
+def inside_ray_job() -> bool:
+    """A submitted job's driver: its runtime_env was already set by the job (code and variables)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
