@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 demo: $(STAMP)
 	$(BIN)/mae demo
@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/export_memory.py
 	$(BIN)/python bench/report_overhead.py
+	$(BIN)/python bench/checkpoint_upload.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -87,25 +87,24 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     from jobs.tune import OBJECTIVE, run_tune
     from pipeline.storage import read_bytes
     base = load(None, [*BASE, f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
-    # Grid in order, one trial at a time: two sane learning rates, then a huge one (5.0: the loss
-    # stays finite but the features are wrecked, so its k-NN falls below the others' at ASHA's
+    # Grid in order, one trial at a time: a sane learning rate, then a huge one (5.0: the loss
+    # stays finite but the features are wrecked, so its k-NN falls below the sane trial's at ASHA's
     # first rung), then an absurd one (1000: the loss turns non-finite and the guard ends the trial
-    # with objective 0). Bad trials come last so that ASHA has the others' results at its rung.
-    space = {"model.overrides.mask_ratio": [0.75], "optim.lr": [0.005, 0.002, 5.0, 1000.0]}
+    # with objective 0). Bad trials come last so that ASHA has the sane result at its rung.
+    space = {"model.overrides.mask_ratio": [0.75], "optim.lr": [0.005, 5.0, 1000.0]}
     grid, rows, tune_dir = run_tune(base, space, name="search", storage=f"s3://{bucket}/tune",
                                     max_concurrent_trials=1, restore=False)
     print(json.dumps(rows, indent=1))
-    assert len(rows) == 4
+    assert len(rows) == 3
     by_lr = {r["optim.lr"]: r for r in rows}
-    for lr in (0.005, 0.002):  # the recorded objective is the probe accuracy, measured at each report
-        r = by_lr[lr]
-        assert r[OBJECTIVE] is not None and 0.0 <= r[OBJECTIVE] <= 1.0 and r["images_per_s"] > 0
+    r = by_lr[0.005]  # the recorded objective is the probe accuracy, measured at each report
+    assert r[OBJECTIVE] is not None and 0.0 <= r[OBJECTIVE] <= 1.0 and r["images_per_s"] > 0
     # the first trial to reach each ASHA rung is never cut: it used the whole budget
     assert by_lr[0.005]["stopped_at_images"] == BUDGET
     # the huge-lr trial: finite loss (no error), cut by ASHA at its first rung (a quarter of the budget)
     huge = by_lr[5.0]
     assert huge["error"] is None and huge["stopped_at_images"] == BUDGET // 4, huge
-    assert huge[OBJECTIVE] < max(by_lr[0.005][OBJECTIVE], by_lr[0.002][OBJECTIVE])
+    assert huge[OBJECTIVE] < by_lr[0.005][OBJECTIVE]
     # the absurd trial: ended by the non-finite-loss guard with objective 0
     absurd = by_lr[1000.0]
     assert absurd["error"] and "non-finite loss" in absurd["error"] and absurd["stopped_at_images"] < BUDGET
@@ -113,7 +112,7 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     assert by_lr[0.005]["checkpoint"].endswith(f"/trials/{by_lr[0.005]['trial']}/checkpoint_{STEPS:08d}")
     assert by_lr[5.0]["checkpoint"] is None  # cut before its first checkpoint
     best = grid.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
-    assert best.config["params"]["optim.lr"] in (0.005, 0.002)
+    assert best.config["params"]["optim.lr"] == 0.005
     for f in ("results.csv", "results.md", "best_config.yaml"):
         assert read_bytes(f"{tune_dir}/{f}")
     import yaml
