@@ -256,3 +256,29 @@ def test_gpu_nodes_advertise_only_the_cpus_their_trainers_hold():
         assert float(g["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]) >= cpus
         dec = groups["cpu-decode"]
         assert "num-cpus" not in dec["rayStartParams"] or float(dec["rayStartParams"]["num-cpus"]) >= run.data.decode_cpus
+
+
+def test_a_local_ray_started_by_mae_listens_on_loopback_only():
+    """`mae pretrain` (or demo) without RAY_ADDRESS starts its own Ray: every socket that Ray's
+    processes listen on is on 127.0.0.1, none on the machine's other interfaces."""
+    probe = ("import json, ray, psutil\n"
+             "from jobs.core.common import init_ray\n"
+             "init_ray(num_cpus=2)\n"
+             "ray.get(ray.remote(lambda: 1).remote())\n"
+             "me = psutil.Process()\n"
+             "procs = [me, *me.children(recursive=True)]\n"
+             "ls = set()\n"
+             "for p in procs:\n"
+             "    try:\n"
+             "        ls |= {c.laddr.ip for c in p.net_connections('inet') if c.status == psutil.CONN_LISTEN}\n"
+             "    except psutil.Error:\n"
+             "        pass\n"
+             "print(json.dumps(sorted(ls)))\n"
+             "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    addrs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert addrs and set(addrs) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addrs

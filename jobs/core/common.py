@@ -62,6 +62,12 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kw):
                     import shutil
                     shutil.rmtree(wd, ignore_errors=True)
     else:
+        # A local Ray is one node: with Ray's multi-node mode off, its GCS, raylet, agents and
+        # workers listen on 127.0.0.1 only (else on every interface of the machine).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            import ray._private.ray_constants as ray_constants  # read at import; ray may be imported already
+            ray_constants.ENABLE_RAY_CLUSTER = False
         try:  # the container's share (cgroup quota, affinity), not the host's cores
             from ray._private.utils import get_num_cpus
             have = get_num_cpus()
