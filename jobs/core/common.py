@@ -31,8 +31,8 @@ def failure_line(e: BaseException) -> str:
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None, **kw):
-    """Connect to ``address`` (or ``RAY_ADDRESS``); else start a local single-node Ray on
-    127.0.0.1 with at least ``num_cpus`` logical CPUs (what the job's trainers and its data
+    """Connect to ``address`` (or ``RAY_ADDRESS``; ``auto`` for a Ray already running here); else
+    start a new local single-node Ray on 127.0.0.1 with at least ``num_cpus`` logical CPUs (what the job's trainers and its data
     pipeline need together: on a 2-core machine the trainers alone would hold every CPU and the
     decode tasks would never start)."""
     import math
@@ -74,7 +74,9 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kw):
         except Exception:  # noqa: BLE001
             have = os.cpu_count() or 1
         cpus = max(int(have), math.ceil(num_cpus or 0))
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=cpus, include_dashboard=True,
+        # address="local": a new Ray of this job's own, never a silent connection to some other
+        # Ray found running on the machine (RAY_ADDRESS=auto asks for that one)
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", **kw)
     return ray
 
