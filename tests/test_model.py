@@ -247,3 +247,20 @@ def test_wrong_shape_names_key_and_shapes():
     sd["blocks.0.mlp.fc1.weight"] = torch.zeros(10, 64)
     with pytest.raises(OfficialLayoutError, match=r"blocks\.0\.mlp\.fc1\.weight.*\(10, 64\).*\(256, 64\)"):
         load_official_state_dict(micro(), sd)
+
+
+def test_weight_decay_groups_match_timm_as_the_official_code_calls_it():
+    """main_pretrain.py groups parameters with timm's weight-decay helper and no skip list: no
+    decay on 1-D parameters and biases only, so cls_token and mask_token are decayed."""
+    from timm.optim import param_groups_weight_decay
+
+    from jobs.core.optim import param_groups
+    m = MaskedAutoencoder(mae_vit_micro_patch4())
+    name = {id(p): n for n, p in m.named_parameters()}
+
+    def by_decay(groups):
+        return {g["weight_decay"]: {name[id(p)] for p in g["params"]} for g in groups}
+    ours, theirs = by_decay(param_groups(m, 0.05)), by_decay(param_groups_weight_decay(m, 0.05))
+    assert ours == theirs
+    assert {"cls_token", "mask_token"} <= ours[0.05]
+    assert set(ours[0.0]) == {n for n, p in m.named_parameters() if p.ndim == 1 or n.endswith(".bias")}

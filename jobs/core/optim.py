@@ -25,16 +25,16 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int, min_lr: float = 0.
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: none on biases, norms, position embeddings and tokens."""
+    """Weight decay as the official MAE code applies it (timm's ``add_weight_decay`` with an empty
+    skip list): none on 1-D parameters (norm weights) and biases, decay on everything else,
+    **including** ``cls_token`` and ``mask_token``. The sin-cos position embeddings are frozen
+    (``requires_grad=False``) and so in no group."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+        if p.ndim <= 1 or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)
