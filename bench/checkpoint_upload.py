@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,6 +43,8 @@ def train_fn(config: dict) -> None:
                              checkpoint_dir_name=f"{mode.lower()}_{i:03d}",
                              checkpoint_upload_mode=getattr(CheckpointUploadMode, mode))
             out.append({"mode": mode, "blocked_s": time.perf_counter() - t0})
+            if mode == "SYNC":  # ASYNC deletes its local copy after the upload itself
+                shutil.rmtree(d, ignore_errors=True)
             time.sleep(config["work"])  # the next steps of training
     if rank == 0:
         with open(config["out"], "w") as f:
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--saves", type=int, default=3)
     ap.add_argument("--work", type=float, default=3.0)
     a = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1 only
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -77,6 +81,7 @@ def main() -> None:
         total = time.perf_counter() - t0
         with open(out) as f:
             rows = json.load(f)
+        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
         sync = statistics.mean(r["blocked_s"] for r in rows if r["mode"] == "SYNC")
         asyn = statistics.mean(r["blocked_s"] for r in rows if r["mode"] == "ASYNC")
         print(f"checkpoint of 2 x {a.mb} MiB to S3 on 127.0.0.1, {a.saves} saves per mode, {a.work:g} s of work "
