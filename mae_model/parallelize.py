@@ -41,3 +41,61 @@ def parallelize(model: MaskedAutoencoder, mesh: DeviceMesh | None = None, *,
     # The feature path (evaluation, probes) must unshard the root params like forward does.
     register_fsdp_forward_method(model, "forward_features")
     return model
+
+
+# ---------------------------------------------------------------------------- strategies
+STRATEGIES = ("auto", "fsdp", "hsdp", "ddp")
+STATE_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + AdamW's two moments
+FIT_SHARE = 0.25            # the rest of the device is for activations, buffers, the allocator
+
+
+def choose_strategy(strategy: str, *, n_params: int, device_bytes: int, world: int,
+                    local_world: int) -> tuple[str, str]:
+    """The parallelism for a run -> (strategy, why), one of ``fsdp | hsdp | ddp``.
+
+    ``auto``: replicate (DDP: one bucketed all-reduce per step, no all-gathers) when parameters,
+    gradients and AdamW state fit in a quarter of one device, as ViT-B and ViT-L do on 80 GB cards;
+    else shard within a node and replicate across nodes (HSDP: the all-gathers stay on NVLink)
+    when a node's share fits; else shard over every worker (FSDP).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"scaling.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    state = STATE_BYTES_PER_PARAM * n_params
+    size = f"{n_params / 1e6:.1f}M params, {state / 2**30:.2f} GiB of weights, gradients and AdamW state"
+    if strategy != "auto":
+        return strategy, f"scaling.strategy={strategy} ({size})"
+    if world == 1:
+        return "ddp", f"auto: {size}; one worker: nothing to shard or reduce"
+    budget = FIT_SHARE * device_bytes
+    if state <= budget:
+        return "ddp", f"auto: {size} fit in a quarter of one device's {device_bytes / 2**30:.0f} GiB: replicated"
+    multi_node = world > local_world and world % local_world == 0
+    if multi_node and state / local_world <= budget:
+        return "hsdp", (f"auto: {size}; sharded over the {local_world} workers of a node, replicated across "
+                        f"{world // local_world} nodes")
+    return "fsdp", f"auto: {size} do not fit one device's quarter: sharded over all {world} workers"
+
+
+def replicate(model: MaskedAutoencoder, device: torch.device) -> torch.nn.Module:
+    """DDP: every rank holds the whole model; gradients are all-reduced in buckets, overlapped with
+    backward. Rank 0's initial weights are broadcast to the others by the constructor."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False,  # the model's buffers are constants
+                                   gradient_as_bucket_view=True)
+
+
+def unwrap(model: torch.nn.Module) -> MaskedAutoencoder:
+    """The MaskedAutoencoder inside a DDP wrapper (FSDP2 and plain models are their own)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Gradient reduction on (the last micro-batch of a step) or off (the ones before it)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    elif isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = enabled  # what DDP.no_sync() toggles

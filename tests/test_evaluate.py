@@ -22,54 +22,53 @@ def test_knn_and_linear_probe_on_separable_features():
 
 
 @pytest.fixture(scope="module")
-def layout_shards(bucket, ray_cluster, tmp_path_factory):
-    """Labeled images whose 4 classes differ only in the arrangement of two stripe textures
-    (pipeline.synthetic.layout_pattern): a random encoder, which pools local patch statistics,
-    cannot separate them; an MAE must model the layout to fill in masked patches."""
+def digits_shards(bucket, ray_cluster, tmp_path_factory):
+    """Real images: scikit-learn's 1,797 handwritten digits (10 classes), through `mae prepare`."""
     from pipeline.prepare import PrepareConfig, prepare
-    from pipeline.synthetic import write_labeled_folder
-    src = tmp_path_factory.mktemp("layout")
-    write_labeled_folder(str(src), n_per_class=128, size=48, seed=2, kind="layout")
-    dst = f"s3://{bucket}/eval-layout-shards"
+    from pipeline.synthetic import write_digits_folder
+    src = tmp_path_factory.mktemp("digits")
+    write_digits_folder(str(src))
+    dst = f"s3://{bucket}/eval-digits-shards"
     prepare(PrepareConfig(src=str(src), dst=dst, shard_size_mb=0.05, val_fraction=0.25,
                           shared_fs=True), progress=False)  # the simulated nodes share one disk
     return dst
 
 
-def test_evaluate_pretrained_encoder_beats_random_init(layout_shards, bucket, tmp_path):
-    """End to end: pretrain on the layout set, then `mae evaluate` the checkpoint from object
-    storage (features extracted in parallel on the cluster, both probes on both features, JSON
-    beside the checkpoint) against the same encoder at random initialization."""
+# The settings of bench/RESULTS.md ("Learning on real images"): 1000 steps of batch 32, lr 1e-3,
+# crops keeping >= 80% of the digit, no flips (a flipped digit is another glyph).
+DIGITS = ["model.preset=mae_vit_micro_patch4", "data.crop_scale=[0.8,1.0]", "data.hflip=0", "train.batch_size=32",
+          "train.max_steps=1000", "train.log_every=100", "train.ckpt_every=1000", "train.vis_images=0",
+          "optim.lr=1e-3", "optim.warmup_steps=20", "optim.clip_grad=1.0", "scaling.num_workers=1"]
+
+
+def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_shards, bucket, tmp_path):
+    """End to end on real scans: `mae pretrain` on the digits' train split, then `mae evaluate` the
+    checkpoint from object storage (features extracted in parallel on the cluster, both probes on
+    both features, JSON beside the checkpoint) against the same encoder at random initialization."""
     from jobs.core.config import load
     from jobs.evaluate import evaluate, main
     from jobs.core.launch import fit, run_dir_of
     from pipeline.storage import read_bytes
-    cfg = load(None, ["model.preset=mae_vit_micro_patch4", f"data.source={layout_shards}", "data.rows_per_unit=32",
-                      "data.decode_batch_size=32", "data.shuffle_buffer=256",
-                      # crops keep most of the picture and no flips: the classes are layouts
-                      # (a flip turns "h left of v" into "v left of h")
-                      "data.crop_scale=[0.5,1.0]", "data.hflip=0",
-                      "train.batch_size=32", "train.max_steps=2000", "train.log_every=200", "train.ckpt_every=2000",
-                      "train.vis_images=0", "optim.lr=4e-3", "optim.min_lr=2e-3", "optim.warmup_steps=20",
-                      "optim.clip_grad=1.0", "scaling.num_workers=1", f"run.storage_path=s3://{bucket}/runs",
-                      "run.name=eval-src"])
+    cfg = load(None, [*DIGITS, f"data.source={digits_shards}", f"run.storage_path=s3://{bucket}/runs",
+                      "run.name=eval-digits"])
     assert fit(cfg)[0].error is None
     run = run_dir_of(cfg)
-    trained = evaluate(run, layout_shards, workers=2)
-    rand = evaluate(run, layout_shards, workers=2, random_init=True)
+    trained = evaluate(run, digits_shards, workers=2)
+    rand = evaluate(run, digits_shards, workers=2, random_init=True)
     print("trained:", trained, "\nrandom:", rand)
-    assert trained["classes"] == 4 and trained["train_images"] + trained["val_images"] == 512
+    assert trained["classes"] == 10 and trained["train_images"] + trained["val_images"] == 1797
     for res in (trained, rand):
         for key in ("knn_top1/cls", "knn_top1/mean", "linear_top1/cls", "linear_top1/mean"):
             assert 0.0 <= res[key] <= 1.0
-    best = {p: max(trained[f"{p}/cls"], trained[f"{p}/mean"]) for p in ("knn_top1", "linear_top1")}
-    base = {p: max(rand[f"{p}/cls"], rand[f"{p}/mean"]) for p in ("knn_top1", "linear_top1")}
-    assert best["knn_top1"] >= base["knn_top1"] + 0.15, (best, base)
-    assert best["linear_top1"] >= base["linear_top1"] + 0.10, (best, base)
+    # Measured here: k-NN +25 to +27 points on both features, linear +8 to +11 (bench/RESULTS.md)
+    for feat in ("cls", "mean"):
+        assert trained[f"knn_top1/{feat}"] >= rand[f"knn_top1/{feat}"] + 0.10, (feat, trained, rand)
+        assert trained[f"linear_top1/{feat}"] >= rand[f"linear_top1/{feat}"] + 0.03, (feat, trained, rand)
+    assert max(trained[f"linear_top1/{f}"] - rand[f"linear_top1/{f}"] for f in ("cls", "mean")) >= 0.05
     saved = json.loads(read_bytes(f"{trained['checkpoint']}/evaluation.json"))
     assert saved["knn_top1/cls"] == trained["knn_top1/cls"]
     assert json.loads(read_bytes(f"{trained['checkpoint']}/evaluation_random_init.json"))["random_init"] is True
     # the CLI: a run without checkpoints is one clear line, exit 2
     with pytest.raises(SystemExit) as e:
-        main([f"s3://{bucket}/runs/nothing-here", layout_shards])
+        main([f"s3://{bucket}/runs/nothing-here", digits_shards])
     assert e.value.code == 2

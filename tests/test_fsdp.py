@@ -1,5 +1,7 @@
-"""FSDP2 over gloo with 2 CPU processes against the unsharded model in one process."""
+"""The parallel strategies (FSDP2, HSDP, DDP) over gloo with 4 CPU processes against the unsharded
+model in one process."""
 
+import os
 import socket
 
 import pytest
@@ -30,80 +32,140 @@ def _opt(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
 
 
-def _worker(rank, world, port, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = mae_vit_micro_patch4()
-    model = _reference_model(cfg)  # same init on every rank, then sharded in place
-    parallelize(model)
-    local = sum(p.to_local().numel() for p in model.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    opt = _opt(model)
-    xs, noise = _data(cfg)
-    per = B // world
-    losses = []
-    for x, n in zip(xs, noise):
-        sl = slice(rank * per, (rank + 1) * per)
-        loss, _, _ = model(x[sl], noise=n[sl])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        t = loss.detach().clone()
-        dist.all_reduce(t)
-        losses.append(t.item() / world)
-    # the k-NN probe's features: each rank embeds its share (7 images: 4 + 3, padded), all get all
-    from jobs.core.probe import sharded_features
-    embedded = []
-    forward_features = model.forward_features
-    model.forward_features = lambda x: (embedded.append(x.shape[0]), forward_features(x))[1]
-    probe = torch.randint(0, 256, (7, cfg.num_patches, cfg.patch_dim), generator=torch.Generator().manual_seed(3),
-                          dtype=torch.uint8)
-    feats = sharded_features(model, probe, rank, world)
-    model.forward_features = forward_features
-    if rank == 0:
-        torch.save({"losses": losses, "feats": feats}, out_path)
-    torch.save({"local": local, "total": total, "embedded": sum(embedded)}, f"{out_path}.{rank}")
-    dist.destroy_process_group()
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+# ---------------------------------------------------------------------------- strategies
+def _build(strategy: str, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mae_model.parallelize import replicate
+    model = _reference_model(mae_vit_micro_patch4())  # the same init on every rank
+    if strategy == "fsdp":
+        return parallelize(model, init_device_mesh("cpu", (world,)))
+    if strategy == "hsdp":  # 2 "nodes" x 2 workers: shard within, replicate across
+        return parallelize(model, init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
+    return replicate(model, torch.device("cpu"))
+
+
+def _train(model, opt, rank, world, xs, noise):
+    from mae_model.parallelize import set_gradient_sync
+    per = B // world
+    losses = []
+    for x, n in zip(xs, noise):
+        sl = slice(rank * per, (rank + 1) * per)
+        # two micro-batches per step: reduction only on the last, as the trainer accumulates
+        half = per // 2
+        for micro, part in enumerate((slice(sl.start, sl.start + half), slice(sl.start + half, sl.stop))):
+            set_gradient_sync(model, micro == 1)
+            loss, _, _ = model(x[part], noise=n[part])
+            (loss / 2).backward()
+            t = loss.detach().clone() / 2
+            dist.all_reduce(t)
+            if micro == 0:
+                acc = t
+            else:
+                losses.append((acc + t).item() / world)
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def _probe(cfg):
+    return torch.randint(0, 256, (7, cfg.num_patches, cfg.patch_dim), generator=torch.Generator().manual_seed(3),
+                         dtype=torch.uint8)
+
+
+CROSS = [("fsdp", "hsdp"), ("hsdp", "ddp"), ("ddp", "fsdp")]  # each writes once and reads once
+
+
+def _strategies_worker(rank, world, port, out_dir):
+    import time
+
+    from jobs.core import checkpoint as ckpt
+    from pipeline.storage import Store
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = mae_vit_micro_patch4()
+    xs, noise = _data(cfg)
+    result = {}
+    for strategy in ("fsdp", "hsdp", "ddp"):
+        model = _build(strategy, world)
+        opt = _opt(model)
+        first = _train(model, opt, rank, world, xs[:2], noise[:2])
+        if strategy == "fsdp":  # each rank holds a quarter; the probe's features are computed in shares
+            from jobs.core.probe import sharded_features
+            result["local"] = [None] * world
+            dist.all_gather_object(result["local"], sum(p.to_local().numel() for p in model.parameters()))
+            embedded = []
+            forward_features = model.forward_features
+            model.forward_features = lambda x: (embedded.append(x.shape[0]), forward_features(x))[1]
+            result["feats"] = sharded_features(model, _probe(cfg), rank, world)
+            model.forward_features = forward_features
+            result["embedded"] = [None] * world
+            dist.all_gather_object(result["embedded"], sum(embedded))
+        d = os.path.join(out_dir, f"ckpt-{strategy}")
+        ckpt.write_local(model, opt, d, rank=rank, train_state={"step": 2, "time": time.time()}, config_yaml="")
+        dist.barrier()
+        result[strategy] = first
+    # each strategy's checkpoint resumes under another: the last two steps continue the same run
+    for saved, strategy in CROSS:
+        model = _build(strategy, world)
+        opt = _opt(model)
+        ckpt.load_into(model, opt, Store(os.path.join(out_dir, f"ckpt-{saved}")), rank=rank, restore_rng=False)
+        result[f"{saved}->{strategy}"] = _train(model, opt, rank, world, xs[2:], noise[2:])
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, "losses.pt"))
+    dist.destroy_process_group()
+
+
 @pytest.mark.timeout(300)
-def test_fsdp2_two_ranks_match_unsharded(tmp_path):
+def test_strategies_train_alike_and_resume_each_others_checkpoints(tmp_path):
+    """fsdp, hsdp (2 x 2 mesh) and ddp, 4 gloo processes, accumulation of 2 micro-batches: the same
+    losses as the unsharded model; a checkpoint written under any strategy continues under any."""
     cfg = mae_vit_micro_patch4()
     model = _reference_model(cfg)
     opt = _opt(model)
     xs, noise = _data(cfg)
     ref = []
-    for x, n in zip(xs, noise):
+    for i, (x, n) in enumerate(zip(xs, noise)):
+        if i == 2:
+            from jobs.core.probe import features
+            want = features(model, _probe(cfg))  # the unsharded model after the same two steps
         loss, _, _ = model(x, noise=n)
         loss.backward()
         opt.step()
         opt.zero_grad()
         ref.append(loss.item())
-
-    out = str(tmp_path / "fsdp.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    got = torch.load(out)["losses"]
-    print("unsharded:", ref, "\nfsdp2 x2:", got)
-    for a, b in zip(ref, got):
-        assert abs(a - b) / abs(a) < 1e-5
+    mp.spawn(_strategies_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    got = torch.load(tmp_path / "losses.pt")
+    print("unsharded:", ref, "\n", got)
+    for strategy in ("fsdp", "hsdp", "ddp"):
+        assert got[strategy] == pytest.approx(ref[:2], rel=1e-5), strategy
+    for saved, strategy in CROSS:
+        assert got[f"{saved}->{strategy}"] == pytest.approx(ref[2:], rel=1e-5), (saved, strategy)
     assert ref[-1] < ref[0]  # the steps really trained
-    shards = [torch.load(f"{out}.{r}") for r in range(2)]
-    total = shards[0]["total"]
-    assert sum(s["local"] for s in shards) == total
-    for s in shards:
-        assert abs(s["local"] / total - 0.5) < 0.02
-        assert s["embedded"] == 4  # its share of the 7 probe images (padded), not all 7
-    from jobs.core.probe import features
-    probe = torch.randint(0, 256, (7, cfg.num_patches, cfg.patch_dim), generator=torch.Generator().manual_seed(3),
-                          dtype=torch.uint8)
-    want = features(model, probe)  # the trained unsharded model
-    feats = torch.load(out)["feats"]
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(got["local"]) == total and all(abs(n / total - 0.25) < 0.02 for n in got["local"])
+    assert got["embedded"] == [2, 2, 2, 2]  # each rank its share of the 7 probe images (padded)
     for kind in ("cls", "mean"):
-        assert feats[kind].shape == want[kind].shape
-        assert torch.allclose(feats[kind], want[kind], atol=1e-4, rtol=1e-4), kind
+        assert torch.allclose(got["feats"][kind], want[kind], atol=1e-4, rtol=1e-4), kind
+
+
+def test_auto_strategy_replicates_what_fits_and_shards_what_does_not():
+    from mae_model.parallelize import choose_strategy
+    gib = 2**30
+    # ViT-B (~111M params, ~1.7 GiB of training state) and ViT-L on 80 GB cards: replicated
+    assert choose_strategy("auto", n_params=111_000_000, device_bytes=80 * gib, world=64, local_world=8)[0] == "ddp"
+    assert choose_strategy("auto", n_params=330_000_000, device_bytes=80 * gib, world=64, local_world=8)[0] == "ddp"
+    # 2B params (30 GiB): a node's 8 GPUs hold it sharded; across nodes it is replicated
+    name, why = choose_strategy("auto", n_params=2_000_000_000, device_bytes=80 * gib, world=64, local_world=8)
+    assert name == "hsdp" and "8 nodes" in why
+    assert choose_strategy("auto", n_params=2_000_000_000, device_bytes=80 * gib, world=8, local_world=8)[0] == "fsdp"
+    assert choose_strategy("auto", n_params=2_000_000_000, device_bytes=80 * gib, world=1, local_world=1)[0] == "ddp"
+    assert choose_strategy("fsdp", n_params=1000, device_bytes=80 * gib, world=2, local_world=2)[0] == "fsdp"
+    with pytest.raises(ValueError, match="scaling.strategy"):
+        choose_strategy("zero3", n_params=1000, device_bytes=gib, world=2, local_world=2)

@@ -76,7 +76,8 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
               "train.ckpt_every=1", "train.keep_last=1", "train.best_metric=", "train.vis_images=0",
               "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0",
               f"run.storage_path=s3://{bucket}/runs", "run.name=long", "run.max_failures=2"]
-    cfg = load(None, [*common, "train.max_steps=12", "scaling.num_workers=2", "train.crash_at_step=6"])
+    cfg = load(None, [*common, "train.max_steps=12", "scaling.num_workers=2", "scaling.strategy=fsdp",
+                      "train.crash_at_step=6"])
     mark = s3.proxy.mark()
     result, plan = fit(cfg)
     assert result.error is None
@@ -98,8 +99,10 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
 
     # a half-written checkpoint with a higher step (files, no COMPLETE marker) is never resumed from
     write_bytes(f"{run}/checkpoint_00000099/train_state.json", b'{"step": 99}')
-    # resume with another worker count: one worker, the same global batch by accumulation, so the
-    # schedule and the images seen go on as if nothing had changed
+    assert ckpt.read_train_state(kept[0]["uri"])["strategy"] == "fsdp"
+    # resume with another worker count and strategy (one worker: auto replicates, i.e. a plain
+    # model, reading FSDP2's shards): the same global batch by accumulation, so the schedule and
+    # the images seen go on as if nothing had changed
     more = load(None, [*common, "train.max_steps=14", "scaling.num_workers=1"])
     result, plan = fit(more)
     assert result.error is None and plan["accum_steps"] == 2 and plan["global_batch"] == 16
@@ -113,6 +116,7 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
     assert abs(m[12]["loss"] - m[11]["loss"]) < 0.3 * m[11]["loss"]  # no jump at the resume
     st = ckpt.read_train_state(ckpt.latest_complete(run)["uri"])
     assert st["step"] == 14 and st["images_seen"] == 14 * 16 and st["world_size"] == 1 and st["accum_steps"] == 2
+    assert st["strategy"] == "ddp"
     # a global batch the new worker count cannot make is refused in one line
     from jobs.core.common import UserError
     odd = load(None, [*common, "train.max_steps=16", "train.batch_size=3", "scaling.num_workers=1"])

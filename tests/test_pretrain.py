@@ -67,7 +67,7 @@ def scratch_dirs():
 
 
 def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(shards, bucket, tmp_path):
-    cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8",
+    cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8", "scaling.strategy=fsdp",
                  "scaling.placement_strategy=SPREAD")  # the default, PACK, would put both on one node
     counter = str(tmp_path / "reports.jsonl")
     before = scratch_dirs()

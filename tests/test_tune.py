@@ -120,30 +120,22 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     assert best_cfg["optim"]["lr"] == best.config["params"]["optim.lr"]
 
 
-def test_optuna_search_is_model_based_over_the_same_objective(tune_shards, bucket):
-    from jobs.core.config import load
-    from jobs.tune import OBJECTIVE, run_tune
-    base = load(None, [*BASE, "train.max_steps=8", f"data.source={tune_shards}",
-                       f"run.storage_path=s3://{bucket}/tune-optuna"])
-    space = {"model.overrides.mask_ratio": [0.5, 0.75, 0.9], "model.overrides.decoder_depth": [1, 2]}
-    grid, rows, tune_dir = run_tune(base, space, name="tpe", storage=f"s3://{bucket}/tune-optuna",
-                                    search="optuna", num_samples=2, max_concurrent_trials=1, restore=False)
-    assert len(rows) == 2
-    for r in rows:  # every trial drew its values from the space and reported the objective
-        assert r["model.overrides.mask_ratio"] in (0.5, 0.75, 0.9) and r["model.overrides.decoder_depth"] in (1, 2)
-        assert r[OBJECTIVE] is not None and r["error"] is None
-
-
-def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster):
+def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster):
+    """`mae tune --search optuna` (model-based TPE over the same objective) whose driver is killed
+    after its first trial: started again, it resumes the search (Optuna's state included), keeps the
+    finished trial as it was and runs only the rest."""
     import ray
 
     from jobs.core.checkpoint import list_checkpoints
+    from jobs.tune import OBJECTIVE
     from pipeline.storage import list_files, read_bytes
     storage = f"s3://{bucket}/tune-restore"
+    steps = 8
     # grace = the whole budget: ASHA cuts nothing here, so every trial must end with its final checkpoint
-    args = [sys.executable, "-m", "jobs.tune", *BASE, f"data.source={tune_shards}", f"run.storage_path={storage}",
-            "--space", "model.overrides.mask_ratio=0.5,0.75", "--name", "resumable", "--max-concurrent", "1",
-            "--grace-images", str(BUDGET)]
+    args = [sys.executable, "-m", "jobs.tune", *BASE, f"train.max_steps={steps}", f"data.source={tune_shards}",
+            f"run.storage_path={storage}", "--search", "optuna", "--num-samples", "2",
+            "--space", "model.overrides.mask_ratio=0.5,0.75,0.9", "--space", "model.overrides.decoder_depth=1,2",
+            "--name", "resumable", "--max-concurrent", "1", "--grace-images", str(steps * BATCH * WORKERS)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
     def finished_trials():
@@ -171,13 +163,17 @@ def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tune_shard
     assert "resuming" in out
     done = finished_trials()
     assert len(done) == 2 and set(first) <= set(done), (first, done)
-    # the finished trial was not rerun: one history of 4 reports and one final checkpoint
+    # the finished trial was not rerun: one history of 2 reports and one final checkpoint
     for t in first:
-        steps = [json.loads(x)["step"] for x in
-                 read_bytes(f"{storage}/resumable/trials/{t}/metrics.jsonl").decode().splitlines()]
-        assert steps == [4, 8, 12, 16]
-        assert [c["step"] for c in list_checkpoints(f"{storage}/resumable/trials/{t}") if c["complete"]] == [16]
+        logged = [json.loads(x)["step"] for x in
+                  read_bytes(f"{storage}/resumable/trials/{t}/metrics.jsonl").decode().splitlines()]
+        assert logged == [4, 8]
+        assert [c["step"] for c in list_checkpoints(f"{storage}/resumable/trials/{t}") if c["complete"]] == [steps]
     import csv
     import io
     rows = list(csv.DictReader(io.StringIO(read_bytes(f"{storage}/resumable/results.csv").decode())))
     assert len(rows) == 2 and all(not row["error"] for row in rows)
+    for row in rows:  # every trial drew its values from the space and reported the objective
+        assert float(row["model.overrides.mask_ratio"]) in (0.5, 0.75, 0.9)
+        assert int(row["model.overrides.decoder_depth"]) in (1, 2)
+        assert 0.0 <= float(row[OBJECTIVE]) <= 1.0

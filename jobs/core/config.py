@@ -81,6 +81,9 @@ class ScalingSection:
     use_gpu: bool = _f(False, "one GPU per worker")
     cpus_per_worker: float = _f(1.0, "CPUs reserved by each training worker")
     resources_per_worker: dict = _f({}, "extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
+    strategy: str = _f("auto", "parallelism: fsdp (shard over all workers) | hsdp (shard within a node, replicate "
+                               "across nodes) | ddp (replicate; gradients all-reduced) | auto (ddp when weights, "
+                               "gradients and AdamW state fit in a quarter of a device, else hsdp or fsdp)")
     placement_strategy: str = _f("PACK", "PACK (fewest nodes: NVLink/intra-node collectives) | SPREAD | "
                                          "STRICT_PACK | STRICT_SPREAD")
 
@@ -145,6 +148,9 @@ class PretrainConfig:
         if t.report_every < 0 or t.min_report_interval_s < 0:
             raise ConfigError(f"train.report_every={t.report_every} / train.min_report_interval_s="
                               f"{t.min_report_interval_s}: must be >= 0")
+        from mae_model.parallelize import STRATEGIES
+        if s.strategy not in STRATEGIES:
+            raise ConfigError(f"scaling.strategy={s.strategy!r}: one of {', '.join(STRATEGIES)}")
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={t.precision!r}: auto, bf16 or fp32")
         if t.precision == "bf16" and not s.use_gpu:

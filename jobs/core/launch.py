@@ -182,7 +182,7 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     from ray.train.torch import TorchTrainer
 
     from jobs.core.common import check_data_cpus
-    from jobs.core.trainer import train_loop_per_worker
+    from jobs.core.worker import train_loop_per_worker
     from pipeline.dataset import stats_actor
 
     t_launch = t_launch or time.time()

@@ -12,6 +12,7 @@ workers behind a ~2 s controller poll) and ``checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +33,8 @@ from jobs.core.optim import build_optimizer, lr_at
 from jobs.core.probe import knn_top1, sharded_features
 from jobs.core.visualize import reconstruction_grid, save_png
 from mae_model import MaskedAutoencoder
-from mae_model.parallelize import mixed_precision, parallelize
+from mae_model.parallelize import (choose_strategy, mixed_precision, parallelize, replicate, set_gradient_sync,
+                                   unwrap)
 from pipeline.dataset import Stream, iter_kwargs
 from pipeline.storage import Store
 
@@ -43,11 +45,35 @@ class DataExhausted(RuntimeError):
     pass
 
 
-def build_model(cfg: PretrainConfig, device: torch.device, mesh, precision: str, rank: int):
-    """Meta-device model -> FSDP2 -> materialized on ``device`` -> initialized."""
+def device_bytes(device: torch.device, local_world: int) -> int:
+    """Memory one worker may plan with: its GPU's, or its share of the host's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_world)
+
+
+def build_model(cfg: PretrainConfig, device: torch.device, strategy: str, precision: str, rank: int,
+                world: int, local_world: int):
+    """Meta-device model -> parallelized by ``strategy`` -> materialized on ``device`` -> initialized.
+
+    fsdp / hsdp: sharded before materializing (no rank ever holds the whole unsharded model);
+    hsdp's mesh is (nodes, workers per node): shard within a node, replicate across nodes.
+    ddp: materialized whole and wrapped (rank 0's weights are broadcast); one worker: plain.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
     mcfg = cfg.model.build()
     with torch.device("meta"):
         model = MaskedAutoencoder(mcfg)
+    if strategy == "ddp":
+        model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        model.to_empty(device=device)
+        torch.manual_seed(cfg.train.seed * 1000)
+        model.init_weights()
+        return replicate(model, device) if world > 1 else model
+    if strategy == "hsdp":
+        mesh = init_device_mesh(device.type, (world // local_world, local_world), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,))
     parallelize(model, mesh, mp_policy=mixed_precision("bf16" if precision == "bf16" else None),
                 activation_checkpointing=cfg.model.activation_checkpointing,
                 reshard_after_forward=cfg.train.reshard_after_forward)
@@ -70,17 +96,21 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, plan: dict):
         import ray.train
         import ray.train.torch
-        from torch.distributed.device_mesh import init_device_mesh
 
         self.cfg, self.plan = cfg, plan
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.precision = plan["precision"]
-        mesh = init_device_mesh(self.device.type, (self.world,))
         # Small host-side agreements (checkpoint choice, manifests, report timing) on a CPU group.
         self.cpu_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
-        self.model = build_model(cfg, self.device, mesh, self.precision, self.rank)
+        self.strategy = self._agree_strategy(ctx.get_local_world_size(), ctx.get_node_rank(), ctx.get_local_rank())
+        self.model = build_model(cfg, self.device, self.strategy, self.precision, self.rank, self.world,
+                                 ctx.get_local_world_size())
+        self.core = unwrap(self.model)  # the MaskedAutoencoder: features, pictures
+        # DDP computes in bf16 under autocast (as the official code's AMP); FSDP2 casts its params
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if self.strategy == "ddp" and self.precision == "bf16" else contextlib.nullcontext())
         self.opt = build_optimizer(self.model, lr=plan["peak_lr"], weight_decay=cfg.optim.weight_decay,
                                    betas=cfg.optim.betas, device_type=self.device.type)
         self.accum = plan["accum_steps"]
@@ -103,6 +133,31 @@ class Trainer:
         self._reset_window()
 
     # ------------------------------------------------------------------ helpers
+    def _agree_strategy(self, local_world: int, node_rank: int, local_rank: int) -> str:
+        """Rank 0 picks the strategy (scaling.strategy, or auto by model size and device memory)
+        and says why; hsdp needs the same number of workers on every node, ranks grouped by node."""
+        layout = [None] * self.world
+        dist.all_gather_object(layout, (node_rank, local_rank, local_world), group=self.cpu_group)
+        choice = None
+        if self.rank == 0:
+            with torch.device("meta"):
+                n_params = sum(p.numel() for p in MaskedAutoencoder(self.cfg.model.build()).parameters())
+            name, why = choose_strategy(self.cfg.scaling.strategy, n_params=n_params,
+                                        device_bytes=device_bytes(self.device, local_world),
+                                        world=self.world, local_world=local_world)
+            grouped = all(r == n * lw + lr and lw == local_world for r, (n, lr, lw) in enumerate(layout))
+            if name == "hsdp" and not grouped:
+                choice = {"error": "scaling.strategy=hsdp needs the same number of workers on every node (got "
+                          f"{sorted(lw for _, lr, lw in layout if lr == 0)} per node): use "
+                          "scaling.placement_strategy=STRICT_PACK per node group, or scaling.strategy=fsdp"}
+            else:
+                choice = {"name": name, "why": why}
+                print(f"[mae] strategy {name}: {why}", flush=True)
+        choice = self._broadcast(choice)
+        if "error" in choice:
+            raise ValueError(choice["error"])
+        return choice["name"]
+
     def _broadcast(self, obj):
         box = [obj if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
@@ -157,7 +212,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from jobs.core.weights import init_state_dict
-        sd = init_state_dict(uri, self.model.config, verbose=True) if self.rank == 0 else {}
+        sd = init_state_dict(uri, self.core.config, verbose=True) if self.rank == 0 else {}
         set_model_state_dict(self.model, sd, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=True, strict=False))
         self.say(f"[mae] init_from {uri}: loaded {len(sd)} tensors (broadcast from rank 0)")
@@ -177,8 +232,9 @@ class Trainer:
         micro-batches are taken before any is run, so no partial accumulation reaches a step."""
         patches = [self.next_batch() for _ in range(self.accum)]
         for micro, x in enumerate(patches):
-            self.model.set_requires_gradient_sync(micro == self.accum - 1)
-            loss, _, _ = self.model(x)
+            set_gradient_sync(self.model, micro == self.accum - 1)
+            with self.autocast:
+                loss, _, _ = self.model(x)
             (loss / self.accum).backward()
             self.win["loss"] += loss.detach() / self.accum
         self.lr = lr_at(self.step, peak=self.peak, warmup=self.warmup, total=self.total, min_lr=self.cfg.optim.min_lr)
@@ -233,8 +289,9 @@ class Trainer:
     def knn(self, m: dict) -> None:
         """The tuning objective on held-out labeled images: each rank embeds its share, every rank
         gets all features (all-gather) and computes the same k-NN."""
-        ftr = sharded_features(self.model, self.probe["train"].to(self.device), self.rank, self.world)
-        fva = sharded_features(self.model, self.probe["val"].to(self.device), self.rank, self.world)
+        model = self.model if self.strategy != "ddp" else self.core  # FSDP2: the root unshards its params
+        ftr = sharded_features(model, self.probe["train"].to(self.device), self.rank, self.world)
+        fva = sharded_features(model, self.probe["val"].to(self.device), self.rank, self.world)
         for kind in ("cls", "mean"):
             m[f"knn_top1/{kind}"] = knn_top1(ftr[kind], self.probe["train_y"], fva[kind], self.probe["val_y"])
         m["knn_top1"] = m[f"knn_top1/{self.cfg.train.knn_feature}"]
@@ -272,7 +329,8 @@ class Trainer:
         state = {"step": self.step, "images_seen": self.step * self.global_batch,
                  "epoch": self.step * self.global_batch // self.stream.rows_per_epoch,
                  "metrics": {k: v for k, v in m.items() if not k.startswith("_")}, "world_size": self.world,
-                 "global_batch": self.global_batch, "accum_steps": self.accum, "time": time.time()}
+                 "global_batch": self.global_batch, "accum_steps": self.accum, "strategy": self.strategy,
+                 "time": time.time()}
         files = ckpt.write_local(self.model, self.opt, local, rank=self.rank, train_state=state,
                                  config_yaml=self.plan["config_yaml"])
         if self.rank == 0:
@@ -300,7 +358,7 @@ class Trainer:
         patches = torch.from_numpy(np.asarray(self.vis["patches"], dtype=np.uint8)).to(self.device)
         noise = torch.from_numpy(np.asarray(self.vis["noise"], dtype=np.float32)).to(self.device)
         self.model.eval()
-        img = reconstruction_grid(self.model, patches, noise)
+        img = reconstruction_grid(self.model if self.strategy != "ddp" else self.core, patches, noise)
         self.model.train()
         if self.rank == 0:
             path = os.path.join(self.scratch, f"reconstruction_{self.step:08d}.png")
@@ -373,12 +431,3 @@ class Trainer:
                 self.logger.close()
             shutil.rmtree(self.scratch, ignore_errors=True)
 
-
-def train_loop_per_worker(config: dict) -> None:
-    trainer = Trainer(PretrainConfig.from_dict(config["cfg"]), config["plan"])
-    ok = False
-    try:
-        trainer.fit()
-        ok = True
-    finally:
-        trainer.close(ok)

@@ -1,0 +1,24 @@
+"""The function every Ray Train worker runs: ``train_loop_per_worker``.
+
+Kept in a module of its own that imports nothing heavy, so that the worker asks for its dataset
+shard before anything else: that starts Ray Data's split coordinator (an actor: a process to
+start and import) while this worker imports torch, builds the model and resumes, instead of
+after. Here that overlap is ~4 s of every run's time to its first step.
+"""
+
+from __future__ import annotations
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    ray.train.get_dataset_shard("train")  # starts the split coordinator now; the trainer reads it later
+
+    from jobs.core.config import PretrainConfig
+    from jobs.core.trainer import Trainer
+    trainer = Trainer(PretrainConfig.from_dict(config["cfg"]), config["plan"])
+    ok = False
+    try:
+        trainer.fit()
+        ok = True
+    finally:
+        trainer.close(ok)
