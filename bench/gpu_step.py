@@ -3,9 +3,11 @@
 Runs the same code path as the trainer: the model built on the meta device, FSDP2
 (`parallelize`, world size 1) with bf16 params / fp32 reduction, fused AdamW. Input is
 synthetic uint8 patches already on the device, so this is the model's ceiling, not the
-pipeline's. Variants: FSDP2 with fused or foreach AdamW, and the plain model (bf16 autocast, no
-FSDP); HuggingFace's ViTMAEForPreTraining built with the same configuration (bf16 autocast) as a
-baseline.
+pipeline's. Variants: the trainer's strategies on one GPU (`fsdp2+fused`: scaling.strategy=fsdp;
+`ddp`: scaling.strategy=ddp/auto, which on one GPU is the plain model under bf16 autocast), each
+with the trainer's guarded step and eager or with `+compile` (train.compile: each block
+compiled); `plain`: the model alone with a bare AdamW step; HuggingFace's ViTMAEForPreTraining
+built with the same configuration (bf16 autocast) as a baseline. Each at two per-GPU batches.
 
     python bench/gpu_step.py --models base,large [--variants fsdp2+fused,plain] [--hf]
 """
@@ -23,7 +25,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mae_model import MaskedAutoencoder, get_preset  # noqa: E402
-from mae_model.parallelize import mixed_precision, parallelize  # noqa: E402
+from mae_model.parallelize import compile_blocks, mixed_precision, parallelize  # noqa: E402
+from jobs.core.optim import guarded_step  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
 
@@ -36,9 +39,11 @@ def peak_flops() -> float:
     return float("nan")
 
 
-def build(cfg, dtype, device, reshard=True):
+def build(cfg, dtype, device, reshard=True, compiled=False):
     with torch.device("meta"):
         model = MaskedAutoencoder(cfg)
+    if compiled:
+        compile_blocks(model)
     parallelize(model, mp_policy=mixed_precision(dtype), reshard_after_forward=reshard)
     model.to_empty(device=device)
     torch.manual_seed(0)
@@ -62,23 +67,30 @@ def bench_ours(name, cfg, batch, n_warm, n_iter, variant):
     (params kept gathered between forward and backward), or "plain" (no FSDP, bf16 autocast,
     fused AdamW: the model alone, as the HF baseline runs)."""
     dev = torch.device("cuda")
-    if variant == "plain":
+    compiled = "compile" in variant
+    replicated = variant.startswith(("plain", "ddp"))  # one GPU: the ddp strategy is the plain model
+    if replicated:
         torch.manual_seed(0)
         model = MaskedAutoencoder(cfg).to(dev)
+        if compiled:
+            compile_blocks(model)
     else:
-        model = build(cfg, torch.bfloat16, dev, reshard="noreshard" not in variant)
+        model = build(cfg, torch.bfloat16, dev, reshard="noreshard" not in variant, compiled=compiled)
     opt_kw = {"foreach": True} if "foreach" in variant else {"fused": True}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **opt_kw)
     x = torch.randint(0, 256, (batch, cfg.num_patches, cfg.patch_dim), dtype=torch.uint8, device=dev)
 
     def fwd_bwd():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=variant == "plain"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=replicated):
             loss, _, _ = model(x)
         loss.backward()
 
     def step():
         fwd_bwd()
-        opt.step()
+        if variant.startswith("plain"):
+            opt.step()
+        else:  # the trainer's step: non-finite check on the device, clip 0 (the recipe's)
+            guarded_step(opt, model.parameters(), 0.0)
         opt.zero_grad(set_to_none=True)
 
     torch.cuda.reset_peak_memory_stats()
@@ -159,9 +171,10 @@ def bf16_agreement(cfg, batch=32, steps=5):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="base,large")
-    ap.add_argument("--batch", default="base=256,large=128,huge=64")
+    ap.add_argument("--batch", default="base=256/512,large=128/256,huge=64",
+                    help="per-GPU batches per model, / separated")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--variants", default="plain,fsdp2+fused,fsdp2-noreshard")
+    ap.add_argument("--variants", default="plain,ddp,fsdp2+fused,ddp+compile,fsdp2+fused+compile")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--hf", action="store_true")
@@ -176,11 +189,12 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     for m in a.models.split(","):
         cfg = get_preset(presets[m])
-        b = int(batches[m])
         print(f"{m}: {cfg.train_flops_per_image() / 1e9:.1f} GFLOP per training image", flush=True)
-        runs = [lambda v=v: bench_ours(m, cfg, b, a.warmup, a.iters, v) for v in a.variants.split(",")]
-        if a.hf:
-            runs.append(lambda: bench_hf(m, cfg, b, a.warmup, a.iters))
+        runs = []
+        for b in (int(x) for x in batches[m].split("/")):
+            runs += [lambda v=v, b=b: bench_ours(m, cfg, b, a.warmup, a.iters, v) for v in a.variants.split(",")]
+            if a.hf:
+                runs.append(lambda b=b: bench_hf(m, cfg, b, a.warmup, a.iters))
         for run in runs:
             try:  # one failing variant must not cost the others' figures
                 rows.append(run())

@@ -18,6 +18,7 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from jobs.core import weights as ckpt_tools
 from jobs.core.common import UserError, init_ray, one_line_errors
@@ -41,69 +42,162 @@ def load_model(ckpt_uri: str, random_init: bool = False, seed: int = 0) -> Maske
 
 
 class _Features:
-    """A Ray Data actor: the frozen encoder, once per actor; uint8 patches -> features."""
+    """A Ray Data actor: the frozen encoders (the checkpoint's, and the same one at random init
+    when a baseline is asked for), loaded once per actor; uint8 patches -> every encoder's features."""
 
-    def __init__(self, cfg_dict: dict, state_ref):
+    def __init__(self, cfg_dict: dict, state_refs: dict):
         import ray
         from mae_model import MAEConfig
         torch.set_num_threads(1)
-        self.model = MaskedAutoencoder(MAEConfig.from_dict(cfg_dict))
-        self.model.load_state_dict(ray.get(state_ref[0]) if isinstance(state_ref, list) else state_ref)
-        self.model.eval()
+        self.models = {}
+        for name, ref in state_refs.items():
+            m = MaskedAutoencoder(MAEConfig.from_dict(cfg_dict))
+            m.load_state_dict(ray.get(ref[0]))
+            self.models[name] = m.eval()
 
     def __call__(self, batch: dict) -> dict:
+        x = torch.from_numpy(np.ascontiguousarray(batch["patches"]))
+        out = {"label": batch["label"], "split": batch["split"]}
         with torch.no_grad():
-            f = self.model.forward_features(torch.from_numpy(np.ascontiguousarray(batch["patches"])))
-        return {"cls": f["cls"].numpy(), "mean": f["mean"].numpy(), "label": batch["label"]}
+            for name, m in self.models.items():
+                f = m.forward_features(x)
+                out[f"{name}/cls"], out[f"{name}/mean"] = f["cls"].numpy(), f["mean"].numpy()
+        return out
 
 
-def extract(model: MaskedAutoencoder, source: str, split: str, limit: int | None, workers: int,
-            val_fraction: float, seed: int) -> tuple[dict, torch.Tensor]:
+def _tag(batch: dict, split: str) -> dict:
+    return {**batch, "split": np.full(len(batch["label"]), split)}
+
+
+def extract(models: dict[str, MaskedAutoencoder], source: str, limits: dict[str, int | None], workers: int,
+            val_fraction: float, seed: int) -> dict[str, tuple[dict, dict, torch.Tensor]]:
+    """Every split's center-crop features under every model, in one Ray Data pass (the actors load
+    the encoders once for all splits). -> {split: ({model: {"cls", "mean"}}, labels)}."""
     import ray
     from pipeline.dataset import DataConfig, build_dataset
-    c = model.config
-    dcfg = DataConfig(source=source, split=split, img_size=c.img_size, patch_size=c.patch_size, augment=False,
-                      shuffle=False, val_fraction=val_fraction, seed=seed, decode_batch_size=64)
-    ds, info, _ = build_dataset(dcfg)
-    if not info.labeled and info.kind == "images":
-        raise UserError(f"{source}: no labels (use the class_name/file.jpg layout or prepared shards with classes)")
-    if limit:
-        ds = ds.limit(limit)
-    ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]  # in a list: passed by reference
-    ds = ds.map_batches(_Features, fn_constructor_kwargs={"cfg_dict": c.to_dict(), "state_ref": ref},
+    c = next(iter(models.values())).config
+    parts_ds = []
+    for split, limit in limits.items():
+        dcfg = DataConfig(source=source, split=split, img_size=c.img_size, patch_size=c.patch_size, augment=False,
+                          shuffle=False, val_fraction=val_fraction, seed=seed, decode_batch_size=64,
+                          progress_bars=sys.stdout.isatty())
+        ds, info, _ = build_dataset(dcfg)
+        if not info.labeled and info.kind == "images":
+            raise UserError(f"{source}: no labels (use the class_name/file.jpg layout or prepared shards with classes)")
+        if limit:
+            ds = ds.limit(limit)
+        parts_ds.append(ds.map_batches(_tag, fn_kwargs={"split": split}, batch_format="numpy", num_cpus=0.01))
+    ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
+    refs = {name: [ray.put({k: v.cpu() for k, v in m.state_dict().items()})] for name, m in models.items()}
+    ds = ds.map_batches(_Features, fn_constructor_kwargs={"cfg_dict": c.to_dict(), "state_refs": refs},
                         batch_size=64, concurrency=max(1, workers), num_cpus=1, batch_format="numpy")
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    if not parts:
-        raise UserError(f"{source}: the {split!r} split yielded no images")
-    feats = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in ("cls", "mean")}
-    labels = torch.from_numpy(np.concatenate([p["label"] for p in parts])).long()
-    if (labels < 0).any():
-        raise UserError(f"{source}: {int((labels < 0).sum())} images of the {split!r} split have no label")
-    return feats, labels
+    out = {}
+    for split in limits:
+        mine = [{k: v[p["split"] == split] for k, v in p.items()} for p in parts]
+        mine = [p for p in mine if len(p["label"])]
+        if not mine:
+            raise UserError(f"{source}: the {split!r} split yielded no images")
+        feats = {name: {kind: torch.from_numpy(np.concatenate([p[f"{name}/{kind}"] for p in mine]))
+                        for kind in ("cls", "mean")} for name in models}
+        labels = torch.from_numpy(np.concatenate([p["label"] for p in mine])).long()
+        if (labels < 0).any():
+            raise UserError(f"{source}: {int((labels < 0).sum())} images of the {split!r} split have no label")
+        out[split] = (feats, labels)
+    return out
 
 
 def evaluate(ckpt_uri: str, dataset: str, *, max_train: int | None = None, max_val: int | None = None,
              workers: int = 2, val_fraction: float = 0.2, seed: int = 0, random_init: bool = False,
-             linear: bool = True, write: bool = True, shared_fs: bool = False) -> dict:
+             baseline: bool = False, linear: bool = True, write: bool = True, shared_fs: bool = False,
+             linear_protocol: str = "quick", linear_epochs: int = 90, linear_warmup_epochs: int = 10,
+             linear_batch: int = 256, linear_blr: float = 0.1, global_pool: bool = False) -> dict:
+    """Probes of the checkpoint's frozen encoder (``random_init``: of the same encoder untrained).
+    ``baseline``: both, from one feature pass; the untrained encoder's results go under
+    ``"baseline"`` (and to ``evaluation_random_init.json``)."""
+    if linear_protocol not in ("quick", "mae"):
+        raise UserError(f"--linear-protocol {linear_protocol!r}: quick or mae")
     check_visible_to_cluster({"DATASET": dataset}, shared_fs=shared_fs, setting="--shared-fs")
     ckpt_uri = ckpt_tools.select(ckpt_uri)["uri"]  # a complete checkpoint, or a run's latest
-    model = load_model(ckpt_uri, random_init=random_init, seed=seed)
-    tr, tr_y = extract(model, dataset, "train", max_train, workers, val_fraction, seed)
-    va, va_y = extract(model, dataset, "val", max_val, workers, val_fraction, seed)
+    models = {"random_init" if random_init else "trained": load_model(ckpt_uri, random_init=random_init, seed=seed)}
+    if baseline and not random_init:
+        models["random_init"] = load_model(ckpt_uri, random_init=True, seed=seed)
+    feats = extract(models, dataset, {"train": max_train, "val": max_val}, workers, val_fraction, seed)
+    (tr, tr_y), (va, va_y) = feats["train"], feats["val"]
     C = int(max(tr_y.max(), va_y.max())) + 1
-    res = evaluate_features(tr, tr_y, va, va_y, num_classes=C, linear=linear)
-    out = {"checkpoint": ckpt_uri, "dataset": dataset, "random_init": random_init, "train_images": len(tr_y),
-           "val_images": len(va_y), "classes": C, "k": 20, "temperature": 0.07, **res}
-    if write:
-        name = "evaluation_random_init.json" if random_init else "evaluation.json"
-        write_bytes(parse_uri(ckpt_uri).join(name), json.dumps(out, indent=1).encode())
-    return out
+    results = {}
+    for name, model in models.items():
+        res = evaluate_features(tr[name], tr_y, va[name], va_y, num_classes=C,
+                                linear=linear and linear_protocol == "quick")
+        if linear and linear_protocol == "mae":
+            kind = "mean" if global_pool else "cls"
+            res[f"linear_mae_top1/{kind}"], res["linear_mae"] = linear_probe_mae(
+                model, dataset, va[name], va_y, num_classes=C, epochs=linear_epochs,
+                warmup_epochs=linear_warmup_epochs, batch_size=linear_batch, blr=linear_blr,
+                global_pool=global_pool, val_fraction=val_fraction, seed=seed)
+        out = {"checkpoint": ckpt_uri, "dataset": dataset, "random_init": name == "random_init",
+               "train_images": len(tr_y), "val_images": len(va_y), "classes": C, "k": 20, "temperature": 0.07,
+               "linear_protocol": linear_protocol if linear else None, **res}
+        if write:
+            fn = "evaluation_random_init.json" if name == "random_init" else "evaluation.json"
+            write_bytes(parse_uri(ckpt_uri).join(fn), json.dumps(out, indent=1).encode())
+        results[name] = out
+    primary = results["random_init" if random_init else "trained"]
+    if baseline and not random_init:
+        primary = {**primary, "baseline": results["random_init"]}
+    return primary
+
+
+def linear_probe_mae(model: MaskedAutoencoder, source: str, val: dict, val_y: torch.Tensor, *, num_classes: int,
+                     epochs: int = 90, warmup_epochs: int = 10, batch_size: int = 256, blr: float = 0.1,
+                     global_pool: bool = False, val_fraction: float = 0.2, seed: int = 0,
+                     verbose: bool = True) -> tuple[float, dict]:
+    """The paper's linear probe (``main_linprobe.py``): the frozen encoder's cls token (or the mean
+    patch token, ``global_pool``) -> BatchNorm1d(affine=False, eps=1e-6) + Linear, LARS (trust
+    0.001, momentum 0.9, no weight decay), lr = blr x batch / 256 with ``warmup_epochs`` of warmup
+    then cosine per iteration, on RandomResizedCrop (scale 0.08-1) + flip views that Ray Data decodes
+    on the cluster, one stream for all epochs; scored on the center-crop ``val`` features.
+    -> (top-1 on val, {"steps", "lr", "final_loss"})."""
+    from jobs.core.probe import LARS, linear_head, probe_lr
+    from pipeline.dataset import DataConfig, build_dataset
+    c = model.config
+    kind = "mean" if global_pool else "cls"
+    dcfg = DataConfig(source=source, split="train", img_size=c.img_size, patch_size=c.patch_size, augment=True,
+                      crop_scale=[0.08, 1.0], hflip=0.5, shuffle=True, val_fraction=val_fraction, seed=seed,
+                      decode_batch_size=64)
+    ds, info, _ = build_dataset(dcfg, epochs=epochs)
+    steps_per_epoch = max(1, info.num_rows // batch_size)
+    head = linear_head(c.embed_dim, num_classes, seed)
+    lr = blr * batch_size / 256
+    opt = LARS(head.parameters(), lr=lr, weight_decay=0.0)
+    model.eval()
+    step, total = 0, epochs * steps_per_epoch
+    for batch in ds.iter_torch_batches(batch_size=batch_size, drop_last=True):
+        if step >= total:
+            break
+        for g in opt.param_groups:
+            g["lr"] = probe_lr(step / steps_per_epoch, lr=lr, warmup_epochs=warmup_epochs, epochs=epochs)
+        with torch.no_grad():
+            f = model.forward_features(batch["patches"])[kind]
+        loss = F.cross_entropy(head(f), batch["label"].long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if verbose and step % steps_per_epoch == 0 and (step // steps_per_epoch) % 10 == 0:
+            print(f"[evaluate] linear probe (mae protocol) epoch {step // steps_per_epoch}/{epochs} "
+                  f"loss {loss.item():.3f}", flush=True)
+    head.eval()
+    with torch.no_grad():
+        acc = (head(val[kind]).argmax(1) == val_y).float().mean().item()
+    return acc, {"steps": step, "lr": lr, "final_loss": float(loss.item()) if step else None}
 
 
 def table(res: dict) -> str:
-    rows = ["feature  k-NN top-1  linear top-1"]
+    mae = res.get("linear_protocol") == "mae"
+    rows = ["feature  k-NN top-1  linear top-1" + (" (mae protocol)" if mae else " (quick)")]
     for kind in ("cls", "mean"):
-        lin = res.get(f"linear_top1/{kind}")
+        lin = res.get(f"linear_mae_top1/{kind}" if mae else f"linear_top1/{kind}")
         rows.append(f"{kind:7s}  {100 * res[f'knn_top1/{kind}']:9.1f}%  "
                     + (f"{100 * lin:11.1f}%" if lin is not None else "          -"))
     return "\n".join(rows)
@@ -119,7 +213,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=2, help="parallel feature-extraction actors")
     ap.add_argument("--val-fraction", type=float, default=0.2, help="image folders: held-out share")
     ap.add_argument("--no-linear", action="store_true", help="k-NN only")
+    ap.add_argument("--linear-protocol", choices=["quick", "mae"], default="quick",
+                    help="quick: BatchNorm + linear, SGD on frozen center-crop features (seconds); mae: the "
+                         "paper's protocol (main_linprobe.py): LARS, lr 0.1 x batch/256, warmup + cosine, "
+                         "RandomResizedCrop + flip views decoded every epoch on the cluster")
+    ap.add_argument("--linear-epochs", type=int, default=90, help="mae protocol: epochs (paper: 90)")
+    ap.add_argument("--linear-warmup-epochs", type=int, default=10, help="mae protocol: warmup epochs (paper: 10)")
+    ap.add_argument("--linear-batch", type=int, default=256, help="mae protocol: batch (paper: 16384 on 64 GPUs)")
+    ap.add_argument("--linear-blr", type=float, default=0.1, help="mae protocol: base lr; lr = blr x batch / 256")
+    ap.add_argument("--global-pool", action="store_true", help="mae protocol: the mean patch token, not the cls token")
     ap.add_argument("--random-init", action="store_true", help="the same encoder at random init (a baseline)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also score the same encoder at random init, from the same feature pass, side by side")
     ap.add_argument("--shared-fs", action="store_true",
                     help="a local DATASET is on a filesystem every node mounts (else refused on a multi-node cluster)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
@@ -131,11 +236,17 @@ def main(argv=None) -> int:
     with one_line_errors("mae evaluate"):
         init_ray(a.address)
         res = evaluate(a.checkpoint, a.dataset, max_train=a.max_train, max_val=a.max_val, workers=a.workers,
-                       val_fraction=a.val_fraction, random_init=a.random_init, linear=not a.no_linear,
-                       shared_fs=a.shared_fs)
+                       val_fraction=a.val_fraction, random_init=a.random_init, baseline=a.baseline,
+                       linear=not a.no_linear,
+                       shared_fs=a.shared_fs, linear_protocol=a.linear_protocol, linear_epochs=a.linear_epochs,
+                       linear_warmup_epochs=a.linear_warmup_epochs, linear_batch=a.linear_batch,
+                       linear_blr=a.linear_blr, global_pool=a.global_pool)
     print(f"{res['checkpoint']} on {res['dataset']}: {res['train_images']} train / {res['val_images']} val "
           f"images, {res['classes']} classes" + (" (random init)" if a.random_init else ""))
     print(table(res))
+    if "baseline" in res:
+        print("the same encoder at random initialization (baseline):")
+        print(table(res["baseline"]))
     return 0
 
 

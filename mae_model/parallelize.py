@@ -43,6 +43,15 @@ def parallelize(model: MaskedAutoencoder, mesh: DeviceMesh | None = None, *,
     return model
 
 
+def compile_blocks(model: MaskedAutoencoder, backend: str = "inductor") -> MaskedAutoencoder:
+    """``torch.compile`` each transformer block (encoder and decoder), in place, before sharding
+    (torchtitan's order: FSDP2's hooks stay outside the compiled regions). Identical blocks share
+    one compiled graph. Masking, gathers and the loss stay eager."""
+    for blk in [*model.blocks, *model.decoder_blocks]:
+        blk.compile(backend=backend)
+    return model
+
+
 # ---------------------------------------------------------------------------- strategies
 STRATEGIES = ("auto", "fsdp", "hsdp", "ddp")
 STATE_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + AdamW's two moments
@@ -79,10 +88,16 @@ def choose_strategy(strategy: str, *, n_params: int, device_bytes: int, world: i
 def replicate(model: MaskedAutoencoder, device: torch.device) -> torch.nn.Module:
     """DDP: every rank holds the whole model; gradients are all-reduced in buckets, overlapped with
     backward. Rank 0's initial weights are broadcast to the others by the constructor."""
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
+    # The model's buffers are constants: synced once at init, never per forward (the keyword
+    # changed name in torch 2.14).
+    no_resync = ({"forward_sync_buffers": False}
+                 if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                 else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False,  # the model's buffers are constants
-                                   gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True, **no_resync)
 
 
 def unwrap(model: torch.nn.Module) -> MaskedAutoencoder:

@@ -48,6 +48,10 @@ class DataConfig:
     reduced_decode: bool = True      # JPEG DCT-scaled decode when the crop allows it
     max_pixels: int = DEFAULT_MAX_PIXELS
     deterministic: bool = False      # preserve order, no shuffles: for exact-resume comparisons
+    decode: str = "cpu"              # cpu: decode tasks ship patches; gpu: they ship JPEG bytes + crop boxes
+                                     # and the training worker decodes on its device (pipeline.gpu_decode)
+    output_block_rows: int = 256     # rows per output block (fewer calls into the split coordinator)
+    progress_bars: bool = False      # Ray Data's progress bars (on a terminal; off in job logs)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
@@ -65,6 +69,10 @@ class DataConfig:
         if not (0 < lo <= hi <= 1) or not (0 <= self.hflip <= 1):
             raise ValueError(f"data.crop_scale={list(self.crop_scale)} / data.hflip={self.hflip}: "
                              "crop_scale is [lo, hi] with 0 < lo <= hi <= 1, hflip a probability in [0, 1]")
+        if self.decode not in ("cpu", "gpu"):
+            raise ValueError(f"data.decode={self.decode!r}: cpu (decode tasks) or gpu (the training worker's device)")
+        if self.output_block_rows < 1:
+            raise ValueError(f"data.output_block_rows={self.output_block_rows}: must be >= 1")
         return TransformConfig(img_size=self.img_size, patch_size=self.patch_size, train=self.augment,
                                reduced_decode=self.reduced_decode, max_pixels=self.max_pixels,
                                scale=(lo, hi), hflip=float(self.hflip))
@@ -159,9 +167,12 @@ def _row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
-                 class_index: dict | None, root: str | None) -> tuple[dict, int, dict]:
+                 class_index: dict | None, root: str | None, mode: str = "cpu") -> tuple[dict, int, dict]:
     """{"image": bytes[n], "key"|"path": str[n], ["label"]} -> ({"patches": uint8 [m, L, D],
-    "label": int64 [m]}, decoded count, {skip reason: [keys]}). Crops are seeded by (seed, epoch, key)."""
+    "label": int64 [m]}, decoded count, {skip reason: [keys]}). Crops are seeded by (seed, epoch, key).
+    ``mode="gpu"``: headers only -> {"image": bytes [m], "box": float32 [m, 4], "flip": bool [m],
+    "label"} for :func:`pipeline.gpu_decode.decode_on_device` (broken headers are skips here; a body
+    that fails to decode is counted by the worker)."""
     images = batch["image"] if "image" in batch else batch["bytes"]
     keys = batch["key"] if "key" in batch else batch["path"]
     labels = batch.get("label")
@@ -171,10 +182,19 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
     n = 0
     skipped: dict[str, list[str]] = {}
     root_uri = parse_uri(root) if root else None
+    plan = mode == "gpu"
+    if plan:  # the device decodes: ship the bytes, the crop box and the flip (the same draws)
+        from .gpu_decode import crop_plan
+        out = np.empty(len(images), object)
+        boxes, flips = np.zeros((len(images), 4), np.float32), np.zeros(len(images), bool)
     for i, (data, key) in enumerate(zip(images, keys)):
         key = str(key)
+        raw = bytes(data) if data is not None else b""
         try:
-            out[n] = transform_image(bytes(data) if data is not None else b"", tcfg, _row_rng(seed, epoch, key))
+            if plan:
+                (boxes[n], flips[n]), out[n] = crop_plan(raw, tcfg, _row_rng(seed, epoch, key)), raw
+            else:
+                out[n] = transform_image(raw, tcfg, _row_rng(seed, epoch, key))
         except SkipImage as e:
             skipped.setdefault(e.reason, []).append(key)
             continue
@@ -185,6 +205,8 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
             lab = label_of(relative_key(root_uri, key), class_index)
             out_labels[n] = -1 if lab is None else lab
         n += 1
+    if plan:
+        return {"image": out[:n], "box": boxes[:n], "flip": flips[:n], "label": out_labels[:n]}, n, skipped
     return {"patches": out[:n], "label": out_labels[:n]}, n, skipped
 
 
@@ -196,7 +218,9 @@ def configure_context(cfg: DataConfig):
     ctx.execution_options.preserve_order = bool(cfg.deterministic)
     if cfg.max_data_cpus is not None:
         ctx.execution_options.resource_limits = ExecutionResources(cpu=cfg.max_data_cpus)
-    ctx.enable_progress_bars = True
+    # Off by default: a training job's log is read as text (the trainer logs throughput and data
+    # wait), and every bar refresh is a log line the cluster's log monitor ships.
+    ctx.enable_progress_bars = bool(cfg.progress_bars)
     # Small output blocks stream to the trainers sooner and split more evenly between them.
     ctx.target_max_block_size = 16 * 2**20
     # (Transient storage errors: DataContext.retried_io_errors covers Ray's own readers only; the
@@ -284,9 +308,13 @@ class Stream:
         return epoch * self.num_units + pos, row
 
 
+def _concat(parts: list[dict]) -> dict:
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream, start: tuple[int, int],
                     decode_batch_size: int, run_id: str, stats, read_retries: int = 4,
-                    **decode_kw) -> Iterator[dict]:
+                    output_block_rows: int = 256, **decode_kw) -> Iterator[dict]:
     """One stream item (a read unit in one epoch) -> decoded uint8 patch batches, streamed out.
 
     Items before the start position (the driver's, or a later one that a restarted worker group of
@@ -315,7 +343,7 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
                 with storage_errors(f"{uri} ({path})"), fs.open_input_stream(path) as f:
                     return f.read()
             images.append(with_retries(read, retries=read_retries))
-    ok, skipped = 0, {}
+    ok, skipped, pending, rows = 0, {}, [], 0
     for i in range(0, len(keys), decode_batch_size):
         sl = slice(i, i + decode_batch_size)
         part = {"key": keys[sl], "image": images[sl]}
@@ -325,7 +353,15 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
         ok += n
         for reason, ks in sk.items():
             skipped.setdefault(reason, []).extend(ks)
-        yield out
+        # decoded in small batches (cache-friendly), shipped in blocks of output_block_rows: the
+        # split coordinator on the driver's node handles one call per block
+        pending.append(out)
+        rows += n
+        if rows >= output_block_rows:
+            yield _concat(pending)
+            pending, rows = [], 0
+    if rows:
+        yield _concat(pending)
     if stats is not None:
         stats.record.remote(ok, skipped)  # fire and forget, once per unit
 
@@ -375,8 +411,8 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     class_index = {c: i for i, c in enumerate(info.classes)} if (info.classes and info.kind == "images") else None
     fn = functools.partial(load_and_decode, uri=info.uri, units=units, stream=stream, start=(first_item, first_row),
                            decode_batch_size=cfg.decode_batch_size, run_id=run_id, stats=stats,
-                           read_retries=cfg.read_retries,
-                           tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index)
+                           read_retries=cfg.read_retries, output_block_rows=cfg.output_block_rows,
+                           tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index, mode=cfg.decode)
     ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency))
     return ds, info, stream

@@ -1,8 +1,8 @@
 """``mae prepare SRC DST``: shard a folder/prefix of images once into Parquet + a manifest.
 
-The plan (which file goes to which shard) is made on the driver from the sorted listing, so a
-rerun gives the same shards; the shards are validated and written in parallel by Ray Data tasks
-(one per shard, with a progress bar); the manifest is written last, by the driver, and is what
+The plan (which file goes to which shard) is made on the driver from the sorted listing and a
+seeded permutation, so a rerun gives the same shards, each holding every class in its share; the
+shards are validated and written in parallel by Ray Data tasks (one per shard, with a progress bar); the manifest is written last, by the driver, and is what
 readers look for: a half-prepared DST has no manifest.
 """
 
@@ -11,7 +11,10 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import zlib
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from .decode import DEFAULT_MAX_PIXELS, SkipImage, decode, open_image
 from .sources import MANIFEST, imagefolder_classes, label_of, relative_key, split_of
@@ -37,7 +40,8 @@ class PrepareConfig:
 
 
 def plan_shards(files: list[tuple[str, int]], root_uri: str, cfg: PrepareConfig) -> list[dict]:
-    """Sorted listing -> [{"split", "name", "items": [[path, key], ...]}], deterministic."""
+    """Sorted listing -> [{"split", "name", "items": [[path, key], ...]}], deterministic: rows in a
+    seeded permutation per split, cut into shards of about ``shard_size_mb``."""
     root = parse_uri(root_uri)
     target = max(1, int(cfg.shard_size_mb * 1024 * 1024))
     by_split: dict[str, list[list]] = {}
@@ -46,8 +50,13 @@ def plan_shards(files: list[tuple[str, int]], root_uri: str, cfg: PrepareConfig)
         by_split.setdefault(split_of(key, cfg.seed, cfg.val_fraction), []).append([path, key, size])
     shards = []
     for split in sorted(by_split):
+        # Rows spread over the shards in a seeded random order (the same on every rerun): sorted
+        # keys would give an ImageFolder one class per shard, and a read unit or a micro-batch a
+        # handful of classes; the official code draws from a global permutation.
+        rows = by_split[split]
+        order = np.random.default_rng([cfg.seed, zlib.crc32(split.encode())]).permutation(len(rows))
         groups, cur, cur_bytes = [], [], 0
-        for path, key, size in by_split[split]:
+        for path, key, size in (rows[i] for i in order):
             if cur and cur_bytes + size > target:
                 groups.append(cur)
                 cur, cur_bytes = [], 0

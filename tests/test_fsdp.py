@@ -117,9 +117,52 @@ def _strategies_worker(rank, world, port, out_dir):
         opt = _opt(model)
         ckpt.load_into(model, opt, Store(os.path.join(out_dir, f"ckpt-{saved}")), rank=rank, restore_rng=False)
         result[f"{saved}->{strategy}"] = _train(model, opt, rank, world, xs[2:], noise[2:])
+    result["accum_after_partial"] = _accumulation_after_a_partial_one(rank, world, xs)
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "losses.pt"))
     dist.destroy_process_group()
+
+
+def _trainer_step_shell(model, opt):
+    """The trainer's own train_step, on a model and optimizer built here (no Ray)."""
+    import contextlib
+
+    from jobs.core.config import PretrainConfig
+    from jobs.core.trainer import Trainer
+    t = object.__new__(Trainer)
+    t.cfg = PretrainConfig.from_dict({"data": {"source": "unused"}, "optim": {"clip_grad": 1.0}})
+    t.model, t.opt, t.accum, t.device = model, opt, 2, torch.device("cpu")
+    t.autocast, t.step, t.total, t.peak, t.warmup = contextlib.nullcontext(), 0, 10, 1e-3, 0
+    t._reset_window()
+    return t
+
+
+def _accumulation_after_a_partial_one(rank, world, xs):
+    """FSDP2, accumulation 2: a data stream that ends after one micro-batch of a step raises before
+    any backward; the next step (new data) equals one taken from scratch: nothing of the partial
+    accumulation leaks into it (FSDP2 keeps no-sync gradients in accumulators zero_grad misses)."""
+    from jobs.core.trainer import DataExhausted
+    per = B // world
+    mine = [{"patches": x[rank * per:(rank + 1) * per]} for x in xs]
+    runs = []
+    for partial_first in (True, False):
+        model = _build("fsdp", world)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        t = _trainer_step_shell(model, opt)
+        if partial_first:
+            t.batches = iter(mine[:1])  # the stream ends mid-accumulation
+            try:
+                t.train_step()
+                raise AssertionError("a partial accumulation was stepped")
+            except DataExhausted:
+                pass
+        torch.manual_seed(100 + rank)  # the same masking noise in both runs
+        t.batches = iter(mine[1:3])
+        t.train_step()
+        runs.append([p.to_local().detach().clone() for p in model.parameters()])
+    ok = torch.tensor(float(all(torch.equal(a, b) for a, b in zip(*runs))))
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank's shard
+    return bool(ok)
 
 
 @pytest.mark.timeout(300)
@@ -148,6 +191,7 @@ def test_strategies_train_alike_and_resume_each_others_checkpoints(tmp_path):
     for saved, strategy in CROSS:
         assert got[f"{saved}->{strategy}"] == pytest.approx(ref[2:], rel=1e-5), (saved, strategy)
     assert ref[-1] < ref[0]  # the steps really trained
+    assert got["accum_after_partial"]
     total = sum(p.numel() for p in model.parameters())
     assert sum(got["local"]) == total and all(abs(n / total - 0.25) < 0.02 for n in got["local"])
     assert got["embedded"] == [2, 2, 2, 2]  # each rank its share of the 7 probe images (padded)

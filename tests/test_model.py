@@ -264,3 +264,48 @@ def test_weight_decay_groups_match_timm_as_the_official_code_calls_it():
     assert ours == theirs
     assert {"cls_token", "mask_token"} <= ours[0.05]
     assert set(ours[0.0]) == {n for n, p in m.named_parameters() if p.ndim == 1 or n.endswith(".bias")}
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_a_non_finite_step_is_never_applied_and_needs_no_host_sync(clip):
+    """The optimizer step of a non-finite loss leaves weights, AdamW moments and step counts as
+    they were (the fused AdamW reads a device flag); the next finite step applies as usual."""
+    from jobs.core.optim import build_optimizer, guarded_step
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(mae_vit_micro_patch4())
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.05, betas=(0.9, 0.95), device_type="cpu")
+    x = torch.randint(0, 256, (4, 64, 48), dtype=torch.uint8)
+    model(x)[0].backward()
+    assert float(guarded_step(opt, model.parameters(), clip)) == 0.0
+    opt.zero_grad()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {id(p): s["exp_avg"].clone() for p, s in opt.state.items()}
+    (model(x)[0] * float("nan")).backward()
+    flag = guarded_step(opt, model.parameters(), clip)
+    opt.zero_grad()
+    assert isinstance(flag, torch.Tensor) and float(flag) == 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(moments[id(p)], s["exp_avg"]) for p, s in opt.state.items())
+    assert {float(s["step"]) for s in opt.state.values()} == {1.0}
+    model(x)[0].backward()
+    assert float(guarded_step(opt, model.parameters(), clip)) == 0.0
+    assert not torch.equal(before["cls_token"], model.state_dict()["cls_token"])
+    assert {float(s["step"]) for s in opt.state.values()} == {2.0}
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    """train.compile: each block compiled in place (here with the aot_eager backend: the same
+    graph capture and autograd as inductor, without a C++ toolchain) changes no number."""
+    from mae_model.parallelize import compile_blocks
+    x = torch.randint(0, 256, (4, 64, 48), dtype=torch.uint8)
+    noise = torch.rand(4, 64, generator=torch.Generator().manual_seed(1))
+    out = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = MaskedAutoencoder(mae_vit_micro_patch4())
+        if compiled:
+            compile_blocks(model, backend="aot_eager")
+        loss, _, _ = model(x, noise=noise)
+        loss.backward()
+        out.append((loss.detach(), model.blocks[0].attn.qkv.weight.grad.clone()))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-5) and torch.allclose(out[0][1], out[1][1], atol=1e-6)

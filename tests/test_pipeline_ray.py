@@ -208,3 +208,54 @@ def test_prepare_cli_bad_input_one_line(bucket, s3, tmp_path):
     err = r.stderr.strip().splitlines()
     assert err[-1].startswith("mae prepare: error: s3://no-such-bucket-x/raw") and "Traceback" not in r.stderr
     assert s3.env()["AWS_SECRET_ACCESS_KEY"] not in r.stderr + r.stdout
+
+
+def test_prepare_spreads_every_class_over_every_shard_the_same_on_rerun():
+    """An ImageFolder listing is sorted by class; the shards are not: each holds every class in
+    close to equal shares (a micro-batch sees the whole dataset's mix), and a rerun plans the same."""
+    from collections import Counter
+
+    from pipeline.prepare import plan_shards
+    files = [(f"/src/{c}/{i:04d}.jpg", 1000) for c in ("a", "b", "c", "d") for i in range(200)]
+    cfg = PrepareConfig(src="/src", dst="/dst", shard_size_mb=100 * 1000 / 2**20)  # 100 images a shard
+    shards = plan_shards(files, "/src", cfg)
+    assert len(shards) == 8 and sum(len(s["items"]) for s in shards) == 800
+    for s in shards:
+        per_class = Counter(key.split("/")[0] for _, key in s["items"])
+        assert sorted(per_class) == ["a", "b", "c", "d"], per_class
+        assert all(10 <= n <= 40 for n in per_class.values()), per_class  # 25 each on average
+    assert plan_shards(files, "/src", cfg) == shards  # deterministic
+    other = plan_shards(files, "/src", PrepareConfig(src="/src", dst="/dst", shard_size_mb=cfg.shard_size_mb, seed=1))
+    assert other != shards and sorted(map(str, other)) != sorted(map(str, shards))
+
+
+def test_gpu_decode_mode_streams_bytes_and_boxes_that_decode_to_the_cpu_modes_patches(prepared):
+    """data.decode=gpu: the decode tasks ship encoded bytes, crop boxes and flips (drawn with the
+    CPU mode's per-row seeds) in blocks of output_block_rows; decoded on the consumer's device
+    (here the CPU device) they give the CPU mode's patches, row for row, within rounding."""
+    import torch
+
+    from pipeline.gpu_decode import decode_on_device
+    dst, _, _ = prepared
+    common = dict(source=dst, split="train", img_size=32, patch_size=4, augment=True, deterministic=True,
+                  reduced_decode=False, decode_batch_size=4, rows_per_unit=12, output_block_rows=8)
+    cpu_ds, _, _ = build_dataset(DataConfig(**common, decode="cpu"))
+    gpu_ds, _, _ = build_dataset(DataConfig(**common, decode="gpu"))
+    cpu = list(cpu_ds.iter_batches(batch_size=None, batch_format="numpy"))
+    gpu = list(gpu_ds.iter_batches(batch_size=None, batch_format="numpy"))
+    assert max(len(b["label"]) for b in gpu) > 4  # blocks coalesce decode batches (of at most 4 rows)
+    want = np.concatenate([b["patches"] for b in cpu])
+    got, labels = [], []
+    for b in gpu:
+        assert set(b) == {"image", "box", "flip", "label"}
+        x, keep, skipped = decode_on_device(b["image"], b["box"], b["flip"], img_size=32, patch_size=4,
+                                            device=torch.device("cpu"))
+        assert skipped == 0
+        got.append(x.numpy())
+        labels.append(b["label"][keep])
+    got = np.concatenate(got)
+    assert got.shape == want.shape and (np.concatenate(labels) == np.concatenate([b["label"] for b in cpu])).all()
+    diff = np.abs(got.astype(int) - want.astype(int))
+    # float vs uint8 fixed-point bicubic: off by one here and there; the bilevel PNG's hard 0/255
+    # edges by up to ~13
+    assert diff.mean() < 0.5 and (diff <= 1).mean() > 0.995 and diff.max() <= 16, (diff.mean(), diff.max())

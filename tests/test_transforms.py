@@ -107,3 +107,64 @@ def test_pixel_guard_is_configurable():
     data = encode(pattern(0, 64, np.random.default_rng(0)), "PNG")
     with pytest.raises(SkipImage, match="too_many_pixels"):
         transform_image(data, TransformConfig(img_size=32, patch_size=4, max_pixels=1000), np.random.default_rng(0))
+
+
+def test_device_decode_path_gives_the_cpu_pipelines_patches():
+    """data.decode=gpu, run here on the CPU device (decode_jpeg(device="cpu"): the same code path as
+    on a GPU): JPEGs of several sizes (one EXIF-rotated, one CMYK), PNG and WebP, with the crop and
+    flip the CPU path draws for the same seeds, give the CPU pipeline's patches within rounding."""
+    import torch
+
+    from pipeline.gpu_decode import crop_plan, decode_on_device
+    rng = np.random.default_rng(5)
+    odd = odd_images(size=96)
+    images = [encode(pattern(i % 4, s, rng), "JPEG", quality=90) for i, s in enumerate((64, 100, 160, 333))]
+    images += [odd[k][0] for k in ("exif_rotated.jpg", "cmyk.jpg", "rgba.png", "webp.webp", "sixteen_bit.png")]
+    for train in (True, False):
+        cfg = TransformConfig(img_size=32, patch_size=4, train=train, reduced_decode=False)
+        want = np.stack([transform_image(d, cfg, np.random.default_rng([7, i])) for i, d in enumerate(images)])
+        plans = [crop_plan(d, cfg, np.random.default_rng([7, i])) for i, d in enumerate(images)]
+        boxes = np.asarray([p[0] for p in plans], np.float32)
+        flips = np.asarray([p[1] for p in plans])
+        if train:
+            assert flips.any() and not flips.all()  # both branches are exercised
+        got, keep, skipped = decode_on_device(images, boxes, flips, img_size=32, patch_size=4,
+                                              device=torch.device("cpu"))
+        assert skipped == 0 and keep.tolist() == list(range(len(images)))
+        assert got.dtype == torch.uint8 and tuple(got.shape) == want.shape
+        diff = np.abs(got.numpy().astype(int) - want.astype(int))
+        # float vs uint8 fixed-point bicubic: off by one here and there; hard 0/255 edges more
+        assert diff.mean() < 0.5 and (diff <= 1).mean() > 0.995 and diff.max() <= 16, (train, diff.mean(), diff.max())
+
+
+def test_device_decode_skips_and_counts_a_body_it_cannot_decode():
+    import torch
+
+    from pipeline.gpu_decode import crop_plan, decode_on_device
+    good = encode(pattern(0, 64, np.random.default_rng(0)), "JPEG", quality=90)
+    broken = good[:200] + bytes(len(good) - 200)  # a valid header, a body of zeros
+    cfg = TransformConfig(img_size=32, patch_size=4)
+    plans = [crop_plan(d, cfg, np.random.default_rng(i)) for i, d in enumerate((good, broken, good))]
+    boxes = np.asarray([p[0] for p in plans], np.float32)
+    got, keep, skipped = decode_on_device([good, broken, good], boxes, np.zeros(3, bool), img_size=32,
+                                          patch_size=4, device=torch.device("cpu"))
+    assert keep.tolist() == [0, 2] and skipped == 1 and got.shape[0] == 2
+    with pytest.raises(SkipImage):  # a header that is not an image is a skip in the decode task
+        crop_plan(b"not an image at all", cfg, np.random.default_rng(0))
+
+
+def test_a_crop_changes_with_the_epoch_and_not_with_a_restart():
+    """Crops are seeded by (seed, epoch, key): the stream tags every read unit with its epoch (no
+    Ray-private execution counter), so epoch 1 sees other crops than epoch 0, and a restarted run
+    that reaches epoch 1 again sees epoch 1's crops exactly."""
+    from pipeline.dataset import decode_batch
+    rng = np.random.default_rng(0)
+    batch = {"key": [f"c/{i}.jpg" for i in range(4)],
+             "image": [encode(pattern(i, 64, rng), "JPEG", quality=90) for i in range(4)]}
+    cfg = TransformConfig(img_size=32, patch_size=4)
+
+    def patches(epoch):
+        return decode_batch(batch, tcfg=cfg, seed=3, epoch=epoch, class_index=None, root=None)[0]["patches"]
+    e0, e1 = patches(0), patches(1)
+    assert all(not np.array_equal(a, b) for a, b in zip(e0, e1))
+    assert np.array_equal(patches(1), e1) and np.array_equal(patches(0), e0)

@@ -86,7 +86,9 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     from jobs.core.config import load
     from jobs.tune import OBJECTIVE, run_tune
     from pipeline.storage import read_bytes
-    base = load(None, [*BASE, f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
+    # one worker per trial here (the scheduler is under test; the resume test below runs 2)
+    base = load(None, [*BASE, "scaling.num_workers=1", f"train.batch_size={BATCH * WORKERS}",
+                       f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
     # Grid in order, one trial at a time: a sane learning rate, then a huge one (5.0: the loss
     # stays finite but the features are wrecked, so its k-NN falls below the sane trial's at ASHA's
     # first rung), then an absurd one (1000: the loss turns non-finite and the guard ends the trial

@@ -71,6 +71,8 @@ class TrainSection:
     knn_train_images: int = _f(512, "k-NN memory bank: labeled images of the train split")
     knn_val_images: int = _f(256, "k-NN scored images: the val split")
     reshard_after_forward: bool = _f(True, "FSDP2: free gathered params after forward (less memory)")
+    compile: bool = _f(False, "torch.compile each transformer block before sharding (GPU; the first steps "
+                              "pay the compile)")
     stop_after_steps: int = _f(-1, "testing aid: return cleanly after this many steps of this attempt")
     crash_at_step: int = _f(-1, "testing aid: SIGKILL rank 1 once at this step (fault-tolerance tests)")
 

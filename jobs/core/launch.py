@@ -201,8 +201,9 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     # as corrupt: they are rows of the stream that yield no image.
     epochs = math.ceil(max(0, plan["total_steps"] * plan["global_batch"] - start) / plan["rows"])
     epochs += max(1, math.ceil(0.02 * epochs))
+    finished = bool(resumed) and resumed["step"] >= plan["total_steps"]
     ds, info, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
-    plan.update(stream={"unit_rows": stream.unit_rows, "seed": stream.seed, "shuffle": stream.shuffle},
+    plan.update(stream={"unit_rows": stream.unit_rows, "seed": stream.seed, "shuffle": stream.shuffle}, data=not finished,
                 stats_actor=stats_actor(run_id=str(run)))
     # Save the resolved config with the run (credentials never appear in it: they are not config).
     run.write("config.yaml", cfg.to_yaml().encode())
@@ -213,6 +214,9 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
               f"{plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), warmup {plan['warmup_steps']}, "
               f"peak lr {plan['peak_lr']:.3g}, {cfg.scaling.num_workers} workers, {plan['precision']}"
               + (f"; resuming from {latest['uri']} ({start} images seen)" if latest else ""), flush=True)
+        if cfg.data.decode == "gpu" and not cfg.scaling.use_gpu:
+            print("[mae] data.decode=gpu without GPUs: the training workers decode on their CPUs (slower than "
+                  "data.decode=cpu; meant for tests)", flush=True)
 
     storage_fs, storage_root = pyarrow_fs(cfg.run.storage_path)
     if parse_uri(cfg.run.storage_path).scheme == "file":
@@ -228,7 +232,8 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
             name=cfg.run.name, storage_path=storage_root, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
-        datasets={"train": ds},
+        # A finished run started again only reports its final metrics: no data pipeline to start
+        datasets={} if finished else {"train": ds},
     )
     try:
         result = trainer.fit()  # Train V2 raises when the run fails after its retries

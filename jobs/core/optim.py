@@ -43,5 +43,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model, *, lr: float, weight_decay: float, betas, device_type: str):
-    kw = {"fused": True} if device_type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), **kw)
+    """AdamW, fused (one kernel over all parameters; it also honours :func:`guarded_step`'s flag on
+    the device). ``device_type`` is kept for callers; fused runs on CPU and CUDA alike."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=True)
+
+
+def guarded_step(opt: torch.optim.Optimizer, params, clip: float) -> torch.Tensor:
+    """Clip the gradients (``clip`` > 0) and apply one optimizer step, unless they are non-finite.
+
+    -> a device flag, 1.0 when the step was skipped. Nothing is read on the host: the global norm
+    (the same on every rank, computed from the reduced gradients) decides, and the fused AdamW
+    skips the update on the device when ``found_inf`` is set (the mechanism of torch's
+    GradScaler), leaving weights, moments and step counts as they were. A non-finite loss gives
+    non-finite gradients, so it is caught here before it can touch the weights.
+    """
+    params = [p for p in params if p.grad is not None]
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm
+        norm = norm.full_tensor()
+    bad = (~torch.isfinite(norm)).float()
+    opt.found_inf = bad
+    opt.step()
+    return bad

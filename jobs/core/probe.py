@@ -9,6 +9,8 @@ Both run on the two features of ``forward_features``: the cls token and the mean
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -108,3 +110,55 @@ def evaluate_features(train: dict, train_y, val: dict, val_y, num_classes=None, 
             res[f"linear_top1/{kind}"] = linear_probe_top1(train[kind], train_y, val[kind], val_y,
                                                             num_classes=num_classes)
     return res
+
+
+# ---------------------------------------------------------------------------- the paper's linear probe
+class LARS(torch.optim.Optimizer):
+    """LARS as the official MAE code's ``util/lars.py`` (from MoCo v3): momentum SGD whose update of
+    every >1-D parameter is scaled by ``trust_coefficient * |w| / |g + wd * w|``; no weight decay
+    and no scaling for biases and norm parameters."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm, one),
+                                    one)
+                    dp = dp.mul(q)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def linear_head(dim: int, num_classes: int, seed: int = 0) -> torch.nn.Module:
+    """``main_linprobe.py``'s head: BatchNorm1d(affine=False, eps=1e-6) + Linear, weights
+    trunc-normal std 0.01, bias 0."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), torch.nn.Linear(dim, num_classes))
+    with torch.no_grad():
+        w = torch.empty_like(head[1].weight)
+        torch.nn.init.trunc_normal_(w, std=0.01, generator=g)
+        head[1].weight.copy_(w)
+        head[1].bias.zero_()
+    return head
+
+
+def probe_lr(epoch: float, *, lr: float, warmup_epochs: float, epochs: float, min_lr: float = 0.0) -> float:
+    """``util/lr_sched.adjust_learning_rate``: per iteration (fractional epoch), linear warmup then
+    half-cycle cosine."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))

@@ -29,12 +29,12 @@ import torch.distributed as dist
 from jobs.core import checkpoint as ckpt
 from jobs.core.config import PretrainConfig
 from jobs.core.metrics import MetricsLogger, fmt_eta, local_state_mb, peak_flops, peak_memory_mb
-from jobs.core.optim import build_optimizer, lr_at
+from jobs.core.optim import build_optimizer, guarded_step, lr_at
 from jobs.core.probe import knn_top1, sharded_features
 from jobs.core.visualize import reconstruction_grid, save_png
 from mae_model import MaskedAutoencoder
-from mae_model.parallelize import (choose_strategy, mixed_precision, parallelize, replicate, set_gradient_sync,
-                                   unwrap)
+from mae_model.parallelize import (choose_strategy, compile_blocks, mixed_precision, parallelize, replicate,
+                                   set_gradient_sync, unwrap)
 from pipeline.dataset import Stream, iter_kwargs
 from pipeline.storage import Store
 
@@ -64,6 +64,8 @@ def build_model(cfg: PretrainConfig, device: torch.device, strategy: str, precis
     mcfg = cfg.model.build()
     with torch.device("meta"):
         model = MaskedAutoencoder(mcfg)
+    if cfg.train.compile:
+        compile_blocks(model)
     if strategy == "ddp":
         model.set_activation_checkpointing(cfg.model.activation_checkpointing)
         model.to_empty(device=device)
@@ -165,7 +167,10 @@ class Trainer:
 
     def _reset_window(self) -> None:
         self.win = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0,
-                    "loss": torch.zeros((), device=self.device)}
+                    "loss": torch.zeros((), device=self.device),
+                    "bad": torch.zeros((), device=self.device),         # steps skipped as non-finite
+                    "first_bad": torch.zeros((), device=self.device),   # the first of them (0: none)
+                    "device_skips": 0, "device_decode_s": 0.0}          # data.decode=gpu: skips, decode time
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
@@ -219,12 +224,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def next_batch(self) -> torch.Tensor:
-        t0 = time.perf_counter()
+        t0, wait0 = time.perf_counter(), self.win["wait"]
         batch = next(self.batches, None)
         self.win["wait"] += time.perf_counter() - t0
-        if batch is None:  # every rank gets the same number of batches (streaming_split equal=True)
+        # Every rank gets the same number of batches: streaming_split(equal=True)'s OutputSplitter
+        # gives each split exactly the same number of rows (it truncates the rest) and the
+        # iterator drops the last partial batch, so no per-step agreement on the end is needed.
+        if batch is None:
             raise DataExhausted(f"the data stream ended at step {self.step} of {self.total}: more images were "
                                 "skipped as corrupt than the plan's spare epoch covers; see the skip counts")
+        if self.cfg.data.decode == "gpu":  # JPEG bytes + crop boxes: decoded here, on the device
+            from pipeline.gpu_decode import decode_on_device
+            x, _, skipped = decode_on_device(batch["image"], batch["box"], batch["flip"], img_size=self.cfg.data.img_size,
+                                             patch_size=self.cfg.data.patch_size, device=self.device)
+            self.win["device_skips"] += skipped
+            self.win["device_decode_s"] += time.perf_counter() - t0 - (self.win["wait"] - wait0)
+            # A batch none of whose images decoded (rare: all broken) repeats the last good one, so
+            # that every rank still takes the same number of batches from its equal split.
+            if x.shape[0]:
+                self._last_x = x
+            elif getattr(self, "_last_x", None) is not None:
+                x = self._last_x
+            return x
         return batch["patches"].to(self.device, non_blocking=True)
 
     def train_step(self) -> None:
@@ -240,9 +261,11 @@ class Trainer:
         self.lr = lr_at(self.step, peak=self.peak, warmup=self.warmup, total=self.total, min_lr=self.cfg.optim.min_lr)
         for g in self.opt.param_groups:
             g["lr"] = self.lr
-        if self.cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-        self.opt.step()
+        # Every step is checked on the device before it is applied; the log step reads the flags.
+        bad = guarded_step(self.opt, self.model.parameters(), self.cfg.optim.clip_grad)
+        self.win["bad"] += bad
+        self.win["first_bad"] = torch.where((self.win["first_bad"] == 0) & (bad > 0),
+                                            float(self.step + 1), self.win["first_bad"])
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.win["steps"] += 1
@@ -250,6 +273,7 @@ class Trainer:
     def metrics(self) -> dict:
         """The window since the last call, averaged over ranks (one small all-reduce)."""
         elapsed = time.perf_counter() - self.win["t0"]
+        bad, first_bad = int(self.win["bad"]), int(self.win["first_bad"])  # the same on every rank
         t = torch.tensor([float(self.win["loss"]), self.win["wait"]], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         loss_sum, wait_sum = t.tolist()
@@ -263,6 +287,10 @@ class Trainer:
              "mfu": ips * self.plan["flops_per_image"] / (self.peak_fl * self.world),
              "memory/peak_mb": peak_memory_mb(self.device),
              "memory/param_optim_mb": local_state_mb(self.model, self.opt),
+             "_skipped": bad, "_first_bad": first_bad,
+             **({"data/device_decode_skips": self.win["device_skips"],
+                 "throughput/device_decode_share": self.win["device_decode_s"] / max(elapsed, 1e-9)}
+                if self.cfg.data.decode == "gpu" else {}),
              "_eta_s": (self.total - self.step) * elapsed / steps}
         if not self.first_log_done:
             m["time/launch_to_first_log_s"] = time.time() - self.plan["t_launch"]
@@ -271,9 +299,13 @@ class Trainer:
         return m
 
     def check_finite(self, m: dict) -> bool:
-        if math.isfinite(m["loss"]):
+        """The window's steps were all finite; else the run stops here, before any checkpoint (the
+        non-finite steps were never applied: the weights are those of the last good step)."""
+        if math.isfinite(m["loss"]) and not m["_skipped"]:
             return True
-        msg = (f"non-finite loss ({m['loss']}) at step {self.step}, lr {self.lr:.3g}: no checkpoint written; "
+        at = m["_first_bad"] or self.step
+        msg = (f"non-finite loss or gradients at step {at} (window loss {m['loss']:.4g}), lr {self.lr:.3g}: the update "
+               "was not applied and no checkpoint written; "
                "try a lower optim.base_lr, optim.clip_grad=1.0, a longer warmup, or fp32 "
                "(train.precision=fp32); resume restarts from the last good checkpoint")
         if self.rank == 0:
@@ -387,7 +419,9 @@ class Trainer:
             self.report(dict(self.saved_metrics, step=self.step))
             return
         shard = ray.train.get_dataset_shard("train")
-        self.batches = iter(shard.iter_torch_batches(**iter_kwargs(self.cfg.data, t.batch_size, self.rank)))
+        kw = iter_kwargs(self.cfg.data, t.batch_size, self.rank)
+        self.batches = iter(shard.iter_batches(batch_format="numpy", **kw) if self.cfg.data.decode == "gpu"
+                            else shard.iter_torch_batches(**kw))
         self.model.train()
         start = self.step
         while self.step < self.total:
