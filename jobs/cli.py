@@ -13,7 +13,7 @@ COMMANDS = {
     "submit": ("jobs.submit", "submit any of the above as a Ray job to a cluster; --follow streams its logs"),
     "jobs": ("jobs.jobctl", "list / status / logs / stop the cluster's jobs"),
     "ckpt": ("jobs.ckpt", "list / pull / export checkpoints from object storage"),
-    "demo": ("jobs.demo", "end-to-end demo on synthetic images, on a local Ray cluster"),
+    "demo": ("jobs.demo", "end-to-end demo on real images (scikit-learn digits), on a local Ray cluster"),
 }
 
 

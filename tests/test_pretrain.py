@@ -218,7 +218,7 @@ def test_a_failed_run_is_one_line_and_exit_1(shards, bucket, capsys):
     missing = f"s3://{bucket}/no/such/encoder.pth"
     with pytest.raises(SystemExit) as e:
         main(["model.preset=mae_vit_micro_patch4", f"data.source={shards}", "train.max_steps=2", "train.batch_size=8",
-              "scaling.num_workers=2", "run.max_failures=0", f"model.init_from={missing}",
+              "scaling.num_workers=1", "run.max_failures=0", f"model.init_from={missing}",
               f"run.storage_path=s3://{bucket}/runs", "run.name=fails"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1
