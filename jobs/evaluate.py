@@ -69,6 +69,16 @@ def _tag(batch: dict, split: str) -> dict:
     return {**batch, "split": np.full(len(batch["label"]), split)}
 
 
+def feature_actors(requested: int, cluster_cpus: float) -> int:
+    """Feature actors that leave a CPU for the decode tasks feeding them (1 CPU each): with every
+    CPU held by an actor, no decode task starts and the job waits forever. One line if none fits."""
+    fit = int(cluster_cpus - 1 + 1e-9)
+    if fit < 1:
+        raise UserError(f"mae evaluate: the Ray cluster has {cluster_cpus:g} CPUs; one feature actor and one "
+                        "decode task need 2: add CPUs (a local Ray: more logical CPUs)")
+    return max(1, min(requested, fit))
+
+
 def extract(models: dict[str, MaskedAutoencoder], source: str, limits: dict[str, int | None], workers: int,
             val_fraction: float, seed: int) -> dict[str, tuple[dict, dict, torch.Tensor]]:
     """Every split's center-crop features under every model, in one Ray Data pass (the actors load
@@ -88,6 +98,8 @@ def extract(models: dict[str, MaskedAutoencoder], source: str, limits: dict[str,
             ds = ds.limit(limit)
         parts_ds.append(ds.map_batches(_tag, fn_kwargs={"split": split}, batch_format="numpy", num_cpus=0.01))
     ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
+    from jobs.core.common import cluster_capacity
+    workers = feature_actors(workers, cluster_capacity().get("CPU", 0.0))
     refs = {name: [ray.put({k: v.cpu() for k, v in m.state_dict().items()})] for name, m in models.items()}
     ds = ds.map_batches(_Features, fn_constructor_kwargs={"cfg_dict": c.to_dict(), "state_refs": refs},
                         batch_size=64, concurrency=max(1, workers), num_cpus=1, batch_format="numpy")
@@ -234,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     with one_line_errors("mae evaluate"):
-        init_ray(a.address)
+        init_ray(a.address, num_cpus=a.workers + 1.02)  # a local Ray: the feature actors and a decode task
         res = evaluate(a.checkpoint, a.dataset, max_train=a.max_train, max_val=a.max_val, workers=a.workers,
                        val_fraction=a.val_fraction, random_init=a.random_init, baseline=a.baseline,
                        linear=not a.no_linear,

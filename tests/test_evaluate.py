@@ -21,6 +21,16 @@ def test_knn_and_linear_probe_on_separable_features():
     assert knn_top1(noise[:200], y[:200], noise[200:], y[200:]) < 0.6
 
 
+def test_feature_actors_leave_a_cpu_for_the_decode_tasks():
+    """On a 2-CPU Ray, 2 feature actors of 1 CPU would hold every CPU and the decode tasks feeding
+    them would never start (`mae evaluate` waited forever on this machine): capped, or one line."""
+    from jobs.core.common import UserError
+    from jobs.evaluate import feature_actors
+    assert feature_actors(2, 2.0) == 1 and feature_actors(2, 6.0) == 2 and feature_actors(8, 4.0) == 3
+    with pytest.raises(UserError, match="CPUs"):
+        feature_actors(1, 1.0)
+
+
 def test_lars_head_and_schedule_follow_the_official_linear_probe():
     """LARS as util/lars.py: >1-D parameters get weight decay and the trust ratio, 1-D ones plain
     momentum SGD; the head is BatchNorm(affine=False, eps 1e-6) + Linear(std 0.01, bias 0); the lr
