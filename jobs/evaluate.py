@@ -57,7 +57,7 @@ class _Features:
 
     def __call__(self, batch: dict) -> dict:
         x = torch.from_numpy(np.ascontiguousarray(batch["patches"]))
-        out = {"label": batch["label"], "split": batch["split"]}
+        out = {k: batch[k] for k in ("label", "split") if k in batch}
         with torch.no_grad():
             for name, m in self.models.items():
                 f = m.forward_features(x)
@@ -146,7 +146,7 @@ def evaluate(ckpt_uri: str, dataset: str, *, max_train: int | None = None, max_v
             res[f"linear_mae_top1/{kind}"], res["linear_mae"] = linear_probe_mae(
                 model, dataset, va[name], va_y, num_classes=C, epochs=linear_epochs,
                 warmup_epochs=linear_warmup_epochs, batch_size=linear_batch, blr=linear_blr,
-                global_pool=global_pool, val_fraction=val_fraction, seed=seed)
+                global_pool=global_pool, val_fraction=val_fraction, seed=seed, workers=workers)
         out = {"checkpoint": ckpt_uri, "dataset": dataset, "random_init": name == "random_init",
                "train_images": len(tr_y), "val_images": len(va_y), "classes": C, "k": 20, "temperature": 0.07,
                "linear_protocol": linear_protocol if linear else None, **res}
@@ -162,13 +162,14 @@ def evaluate(ckpt_uri: str, dataset: str, *, max_train: int | None = None, max_v
 
 def linear_probe_mae(model: MaskedAutoencoder, source: str, val: dict, val_y: torch.Tensor, *, num_classes: int,
                      epochs: int = 90, warmup_epochs: int = 10, batch_size: int = 256, blr: float = 0.1,
-                     global_pool: bool = False, val_fraction: float = 0.2, seed: int = 0,
+                     global_pool: bool = False, val_fraction: float = 0.2, seed: int = 0, workers: int = 2,
                      verbose: bool = True) -> tuple[float, dict]:
     """The paper's linear probe (``main_linprobe.py``): the frozen encoder's cls token (or the mean
     patch token, ``global_pool``) -> BatchNorm1d(affine=False, eps=1e-6) + Linear, LARS (trust
     0.001, momentum 0.9, no weight decay), lr = blr x batch / 256 with ``warmup_epochs`` of warmup
     then cosine per iteration, on RandomResizedCrop (scale 0.08-1) + flip views that Ray Data decodes
-    on the cluster, one stream for all epochs; scored on the center-crop ``val`` features.
+    and ``workers`` feature actors embed on the cluster, one stream for all epochs (the head trains
+    here, on the features); scored on the center-crop ``val`` features.
     -> (top-1 on val, {"steps", "lr", "final_loss"})."""
     from jobs.core.probe import LARS, linear_head, probe_lr
     from pipeline.dataset import DataConfig, build_dataset
@@ -178,20 +179,26 @@ def linear_probe_mae(model: MaskedAutoencoder, source: str, val: dict, val_y: to
                       crop_scale=[0.08, 1.0], hflip=0.5, shuffle=True, val_fraction=val_fraction, seed=seed,
                       decode_batch_size=64)
     ds, info, _ = build_dataset(dcfg, epochs=epochs)
+    # The frozen encoder runs in feature actors on the cluster (the costly part at ImageNet size);
+    # only the head (BatchNorm + Linear on the features) trains here.
+    import ray
+
+    from jobs.core.common import cluster_capacity
+    ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
+    ds = ds.map_batches(_Features, fn_constructor_kwargs={"cfg_dict": c.to_dict(), "state_refs": {"m": ref}},
+                        batch_size=64, concurrency=feature_actors(workers, cluster_capacity().get("CPU", 0.0)),
+                        num_cpus=1, batch_format="numpy")
     steps_per_epoch = max(1, info.num_rows // batch_size)
     head = linear_head(c.embed_dim, num_classes, seed)
     lr = blr * batch_size / 256
     opt = LARS(head.parameters(), lr=lr, weight_decay=0.0)
-    model.eval()
     step, total = 0, epochs * steps_per_epoch
     for batch in ds.iter_torch_batches(batch_size=batch_size, drop_last=True):
         if step >= total:
             break
         for g in opt.param_groups:
             g["lr"] = probe_lr(step / steps_per_epoch, lr=lr, warmup_epochs=warmup_epochs, epochs=epochs)
-        with torch.no_grad():
-            f = model.forward_features(batch["patches"])[kind]
-        loss = F.cross_entropy(head(f), batch["label"].long())
+        loss = F.cross_entropy(head(batch[f"m/{kind}"].float()), batch["label"].long())
         opt.zero_grad()
         loss.backward()
         opt.step()
