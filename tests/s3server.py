@@ -69,9 +69,10 @@ class S3Server:
             except Exception as e:  # noqa: BLE001 - not up yet
                 last = e
                 time.sleep(0.5)
-        self.stop()
+        # read weed's own output before stop() removes its directory (else that error hides this one)
         with open(os.path.join(self.dir, "weed.log"), "rb") as f:
             tail = f.read()[-2000:].decode(errors="replace")
+        self.stop()
         raise RuntimeError(f"SeaweedFS did not answer on {self.endpoint}: {last}\n{tail}")
 
     def client(self):
