@@ -79,11 +79,23 @@ def feature_actors(requested: int, cluster_cpus: float) -> int:
     return max(1, min(requested, fit))
 
 
+def _embed(ds, models: dict[str, MaskedAutoencoder], workers: int):
+    """ds of uint8 patches -> the same rows with every model's features, computed by feature
+    actors on the cluster (each loads the encoders once; weights passed by reference)."""
+    import ray
+
+    from jobs.core.common import cluster_capacity
+    refs = {name: [ray.put({k: v.cpu() for k, v in m.state_dict().items()})] for name, m in models.items()}
+    cfg = next(iter(models.values())).config
+    return ds.map_batches(_Features, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "state_refs": refs},
+                          batch_size=64, concurrency=feature_actors(workers, cluster_capacity().get("CPU", 0.0)),
+                          num_cpus=1, batch_format="numpy")
+
+
 def extract(models: dict[str, MaskedAutoencoder], source: str, limits: dict[str, int | None], workers: int,
             val_fraction: float, seed: int) -> dict[str, tuple[dict, dict, torch.Tensor]]:
     """Every split's center-crop features under every model, in one Ray Data pass (the actors load
     the encoders once for all splits). -> {split: ({model: {"cls", "mean"}}, labels)}."""
-    import ray
     from pipeline.dataset import DataConfig, build_dataset
     c = next(iter(models.values())).config
     parts_ds = []
@@ -98,11 +110,7 @@ def extract(models: dict[str, MaskedAutoencoder], source: str, limits: dict[str,
             ds = ds.limit(limit)
         parts_ds.append(ds.map_batches(_tag, fn_kwargs={"split": split}, batch_format="numpy", num_cpus=0.01))
     ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
-    from jobs.core.common import cluster_capacity
-    workers = feature_actors(workers, cluster_capacity().get("CPU", 0.0))
-    refs = {name: [ray.put({k: v.cpu() for k, v in m.state_dict().items()})] for name, m in models.items()}
-    ds = ds.map_batches(_Features, fn_constructor_kwargs={"cfg_dict": c.to_dict(), "state_refs": refs},
-                        batch_size=64, concurrency=max(1, workers), num_cpus=1, batch_format="numpy")
+    ds = _embed(ds, models, workers)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     out = {}
     for split in limits:
@@ -181,13 +189,7 @@ def linear_probe_mae(model: MaskedAutoencoder, source: str, val: dict, val_y: to
     ds, info, _ = build_dataset(dcfg, epochs=epochs)
     # The frozen encoder runs in feature actors on the cluster (the costly part at ImageNet size);
     # only the head (BatchNorm + Linear on the features) trains here.
-    import ray
-
-    from jobs.core.common import cluster_capacity
-    ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
-    ds = ds.map_batches(_Features, fn_constructor_kwargs={"cfg_dict": c.to_dict(), "state_refs": {"m": ref}},
-                        batch_size=64, concurrency=feature_actors(workers, cluster_capacity().get("CPU", 0.0)),
-                        num_cpus=1, batch_format="numpy")
+    ds = _embed(ds, {"m": model}, workers)
     steps_per_epoch = max(1, info.num_rows // batch_size)
     head = linear_head(c.embed_dim, num_classes, seed)
     lr = blr * batch_size / 256
