@@ -283,3 +283,18 @@ def test_masking_streams_are_distinct_per_rank_and_resume_step():
         torch.manual_seed(masking_seed(0, rank, 1000))
         draws.add(tuple(torch.rand(8).tolist()))
     assert len(draws) == 4
+
+
+def test_a_run_that_stops_before_its_first_log_line_keeps_its_own_error(bucket, tmp_path):
+    """The run directory's metrics are synced at the end of every run, also a failed one; a run
+    ended before its first log line (the non-finite guard at the first log step) has no local
+    metrics.jsonl, and syncing it raised 'metrics.jsonl: not found', hiding the run's real error."""
+    from jobs.core.metrics import MetricsLogger
+    run = Store(f"s3://{bucket}/metrics-tests/early-stop")
+    logger = MetricsLogger(str(tmp_path / "scratch"), run, total_steps=8)
+    logger.sync()  # nothing logged: nothing to copy, and no error
+    assert run.read_if_exists("metrics.jsonl") is None
+    logger.log(4, {"train/loss": 1.5})
+    logger.sync()
+    assert json.loads(run.read("metrics.jsonl"))["train/loss"] == 1.5
+    logger.close()

@@ -87,7 +87,11 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     from jobs.tune import OBJECTIVE, run_tune
     from pipeline.storage import read_bytes
     # one worker per trial here (the scheduler is under test; the resume test below runs 2)
+    # data.deterministic: the same images in the same order in every trial and every run, so
+    # that the trials differ only in their learning rate (with shuffles, 4 steps of two runs see
+    # different images, and the rung's comparison of two 48-image k-NN values was a coin toss)
     base = load(None, [*BASE, "scaling.num_workers=1", f"train.batch_size={BATCH * WORKERS}",
+                       "data.deterministic=true",
                        f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
     # Grid in order, one trial at a time: a sane learning rate, then a huge one (5.0: the loss
     # stays finite but the features are wrecked, so its k-NN falls below the sane trial's at ASHA's

@@ -116,7 +116,10 @@ class MetricsLogger:
     def sync(self) -> None:
         if self._same_place():
             return
-        self.run.put(self.jsonl, "metrics.jsonl")
+        # A run that stops before its first log line (non-finite at the first log step, a crash)
+        # has no metrics.jsonl yet: syncing nothing must not replace the run's real error.
+        if os.path.exists(self.jsonl):
+            self.run.put(self.jsonl, "metrics.jsonl")
         tb = os.path.join(self.local_dir, "tb")
         if os.path.isdir(tb):
             for fn in os.listdir(tb):
