@@ -66,6 +66,12 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
     return out
 
 
+def scratch_dirs() -> set[str]:
+    import os
+    import tempfile
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("mae-run-")}
+
+
 def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_cluster, labeled_dir):
     shards = f"s3://{bucket}/many-shards"
     m = prepare(PrepareConfig(src=labeled_dir, dst=shards, shard_size_mb=0.005, val_fraction=0.0,
@@ -79,12 +85,16 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
     cfg = load(None, [*common, "train.max_steps=12", "scaling.num_workers=2", "scaling.strategy=fsdp",
                       "train.crash_at_step=6"])
     mark = s3.proxy.mark()
+    before = scratch_dirs()
     result, plan = fit(cfg)
     assert result.error is None
     run = run_dir_of(cfg)
     assert read_bytes(f"{run}/crash_injected") == b"1"  # a worker was killed at step 6 ...
     steps = [json.loads(x)["step"] for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
     assert steps == list(range(1, 13))  # ... and the group went on from checkpoint 5
+    # the killed attempt could not remove its scratch directory (its checkpoint staging): the
+    # restarted group did, so nothing of the run is left on the nodes' disks
+    assert scratch_dirs() <= before, scratch_dirs() - before
 
     counts = per_checkpoint_requests(s3.proxy.since(mark), bucket, "runs/long")
     for k in sorted(counts):

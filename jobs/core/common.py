@@ -122,3 +122,42 @@ def check_data_cpus(need_trainers: float, need_data: float, *, what: str) -> Non
         f"(scaling.num_workers x scaling.cpus_per_worker), leaving {max(0.0, total - need_trainers):g} for the "
         f"data pipeline, which needs {need_data:g} (data.decode_cpus): lower scaling.cpus_per_worker or "
         "data.decode_cpus, or add CPUs to the cluster (a local Ray: start it with more logical CPUs)")
+
+
+SCRATCH_PREFIX = "mae-run-"
+
+
+def _owner_alive(path: str) -> bool | None:
+    """True / False for a scratch directory's owning process; None when it names no owner (yet)."""
+    try:
+        with open(os.path.join(path, "owner")) as f:
+            pid, started = f.read().split()
+    except (OSError, ValueError):
+        return None
+    import psutil
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1e-3  # not a reused pid
+    except (psutil.Error, ValueError):
+        return False
+
+
+def attempt_scratch() -> str:
+    """A scratch directory for this process (one training attempt) in the node's temp dir.
+
+    An attempt normally removes its own at the end; one that is SIGKILLed (a crashed worker, a
+    trial cut by a scheduler, the OOM killer) cannot, and its directory holds the local copy of the
+    checkpoint it was staging: on a node that runs attempt after attempt for weeks that fills the
+    disk. So each new attempt first removes the directories whose owner process is gone."""
+    import shutil
+    import tempfile
+
+    import psutil
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if name.startswith(SCRATCH_PREFIX) and _owner_alive(path) is False:
+            shutil.rmtree(path, ignore_errors=True)
+    d = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+    with open(os.path.join(d, "owner"), "w") as f:
+        f.write(f"{os.getpid()} {psutil.Process().create_time()!r}")
+    return d

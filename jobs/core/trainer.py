@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.core import checkpoint as ckpt
+from jobs.core.common import attempt_scratch
 from jobs.core.config import PretrainConfig
 from jobs.core.metrics import MetricsLogger, fmt_eta, local_state_mb, peak_flops, peak_memory_mb
 from jobs.core.optim import build_optimizer, guarded_step, lr_at
@@ -122,7 +123,7 @@ class Trainer:
         self.stream = Stream(**plan["stream"])
         self.step, self.lr = 0, 0.0
         self.saved_metrics: dict = {}  # the resumed checkpoint's metrics
-        self.scratch = tempfile.mkdtemp(prefix="mae-run-")
+        self.scratch = attempt_scratch()  # and the dead attempts' scratch on this node goes
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
         self.finalizer = None
         self.peak_fl, self.peak_how = peak_flops(self.device, self.precision)
