@@ -53,12 +53,106 @@ def make_images(n: int, root: str) -> list[bytes]:
     return out
 
 
-def ceiling(datas: list[bytes]) -> float:
+def ceiling(datas: list[bytes]) -> tuple[float, float]:
+    """-> (img/s, CPU-ms per image) of PIL decode to RGB in a loop on one core. The CPU figure is
+    this process's own CPU time, so other processes on the machine do not change it."""
     from PIL import Image
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for d in datas:
         Image.open(io.BytesIO(d)).convert("RGB")
-    return len(datas) / (time.perf_counter() - t0)
+    return len(datas) / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / len(datas)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of a process and all its descendants over a window, and of
+    other process trees (the S3 server) kept apart. A thread polls every 0.2 s and keeps the last
+    value seen per process, so processes that start or exit inside the window count too (an exited
+    process's last 0.2 s may be missed)."""
+
+    def __init__(self, roots: dict[str, int], every: float = 0.2):
+        import threading
+        self.roots, self.every = roots, every
+        self.seen: dict[str, dict[int, float]] = {k: {} for k in roots}
+        self.base: dict[str, dict[int, float]] = {}
+        self.names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+        for name, pid in self.roots.items():
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            # another root's tree inside this one's (the S3 server, a child of this process) is not this one's
+            others = {r for k, r in self.roots.items() if k != name and pid in self._ancestors_of(r)}
+            procs = [p for p in procs if p.pid not in others and not (others & self._ancestors(p))]
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    self.seen[name][p.pid] = t.user + t.system
+                    kind = self._name(p)  # a Ray worker between two tasks is "ray::IDLE": keep its task's name
+                    if kind != "ray::IDLE" or p.pid not in self.names:
+                        self.names[p.pid] = kind
+                except psutil.Error:
+                    pass
+
+    @staticmethod
+    def _ancestors(p) -> set[int]:
+        try:
+            return {a.pid for a in p.parents()}
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            return set()
+
+    @staticmethod
+    def _ancestors_of(pid: int) -> set[int]:
+        import psutil
+        try:
+            return CpuMeter._ancestors(psutil.Process(pid))
+        except psutil.Error:
+            return set()
+
+    @staticmethod
+    def _name(p) -> str:
+        cmd = p.cmdline()
+        if p.pid == os.getpid():
+            return "consumer (this process)"
+        title = " ".join(cmd)
+        if title.startswith("ray::"):
+            return title.split()[0]
+        for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
+            if k in title:
+                return k
+        return os.path.basename(cmd[0]) if cmd else p.name()
+
+    def top(self, name: str, n: int = 8) -> list[tuple[str, float]]:
+        """CPU seconds by process kind (summed over processes of one kind), largest first."""
+        base, out = self.base.get(name, {}), {}
+        for pid, v in self.seen[name].items():
+            k = self.names.get(pid, "?")
+            out[k] = out.get(k, 0.0) + v - base.get(pid, 0.0)
+        return sorted(out.items(), key=lambda kv: -kv[1])[:n]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._poll()
+
+    def __enter__(self):
+        self._poll()
+        self.base = {k: dict(v) for k, v in self.seen.items()}
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self._poll()
+
+    def cpu_s(self, name: str) -> float:
+        base = self.base.get(name, {})
+        return sum(v - base.get(pid, 0.0) for pid, v in self.seen[name].items())
 
 
 class S3ImageDataset:
@@ -82,7 +176,7 @@ class S3ImageDataset:
         return self.tf(img)
 
 
-def baseline(keys, endpoint, cores, batch, epochs=1) -> float:
+def baseline(keys, endpoint, cores, batch, server_pid, epochs=1) -> dict:
     import torch
     ds = S3ImageDataset(keys, endpoint)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=cores, shuffle=True,
@@ -90,27 +184,35 @@ def baseline(keys, endpoint, cores, batch, epochs=1) -> float:
     n = 0
     it = iter(dl)  # worker start-up outside the timed region, as for ours
     next(it)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        for b in it:
-            n += b.shape[0]
-        it = iter(dl)
-    return n / (time.perf_counter() - t0)
+    with CpuMeter({"pipeline": os.getpid(), "s3": server_pid}) as cpu:
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            for b in it:
+                n += b.shape[0]
+            it = iter(dl)
+        wall = time.perf_counter() - t0
+    return {"images": n, "img_s": n / wall, "cpu_ms": 1e3 * cpu.cpu_s("pipeline") / n, "s3_ms": 1e3 * cpu.cpu_s("s3") / n,
+            "top": [(k, 1e3 * v / n) for k, v in cpu.top("pipeline")]}
 
 
-def ours(shards_uri, batch, epochs=1) -> float:
+def ours(shards_uri, batch, server_pid, epochs=1) -> dict:
+    """One execution over 1 + ``epochs`` epochs (the training stream's shape: no gap between epochs),
+    CPU of every process of the pipeline: decode tasks, Ray's own processes and this consumer."""
     from pipeline.dataset import DataConfig, build_dataset
     cfg = DataConfig(source=shards_uri, img_size=224, patch_size=16, decode_batch_size=32)
-    ds, _, _ = build_dataset(cfg)
-    it = ds.iter_batches(batch_size=batch, batch_format="numpy")
-    first = next(iter(it))  # pipeline start-up outside the timed region
-    assert first["patches"].dtype == np.uint8
+    ds, _, stream = build_dataset(cfg, epochs=epochs + 1)
+    it = iter(ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=4))
     n = 0
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=4):
+    while n < stream.rows_per_epoch:  # the first epoch warms up (process start-up): untimed
+        n += len(next(it)["patches"])
+    n = 0
+    with CpuMeter({"pipeline": os.getpid(), "s3": server_pid}) as cpu:
+        t0 = time.perf_counter()
+        for b in it:
             n += len(b["patches"])
-    return n / (time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+    return {"images": n, "img_s": n / wall, "cpu_ms": 1e3 * cpu.cpu_s("pipeline") / n, "s3_ms": 1e3 * cpu.cpu_s("s3") / n,
+            "top": [(k, 1e3 * v / n) for k, v in cpu.top("pipeline")]}
 
 
 def main():
@@ -119,6 +221,7 @@ def main():
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--skip-baseline", action="store_true", help="measure ours and the decode-only cost only")
     a = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -139,20 +242,28 @@ def main():
         from pipeline.prepare import PrepareConfig, prepare
         prepare(PrepareConfig(src="s3://bench/raw", dst="s3://bench/shards", shard_size_mb=16), progress=False)
 
-        ceil = ceiling(datas)
-        r_ours = ours("s3://bench/shards", a.batch, a.epochs)
+        ceil, dec_ms = ceiling(datas)
+        o = ours("s3://bench/shards", a.batch, server.proc.pid, a.epochs)
         import ray
         ray.shutdown()  # the baseline gets the cores to itself
         keys = [f"bench/raw/{i:06d}.jpg" for i in range(a.images)]
-        r_base = baseline(keys, server.endpoint, a.cores, a.batch, a.epochs)
+        b = None if a.skip_baseline else baseline(keys, server.endpoint, a.cores, a.batch, server.proc.pid, a.epochs)
     finally:
         server.stop()
     per = a.cores
-    print(f"decode-only ceiling (1 core):     {ceil:8.1f} img/s per core")
-    print(f"baseline DataLoader (s3fs, PIL):  {r_base / per:8.1f} img/s per core ({r_base:.1f} total)")
-    print(f"ours (Ray Data, uint8 patches):   {r_ours / per:8.1f} img/s per core ({r_ours:.1f} total)")
-    print(f"ratio ours / DataLoader:          {r_ours / r_base:8.2f}x")
-    print(f"ours / decode-only ceiling:       {100 * r_ours / per / ceil:7.0f}%")
+    print(f"decode-only (PIL to RGB, 1 core):  {ceil:8.1f} img/s per core, {dec_ms:6.2f} CPU-ms per image")
+    print(f"ours, CPU per image / decode-only: {o['cpu_ms'] / dec_ms:8.2f}x (goal: within 1.7x)")
+    if b is None:
+        print("  ours CPU-ms per image by process: " + ", ".join(f"{k} {v:.2f}" for k, v in o["top"]))
+        return
+    for name, r in (("baseline DataLoader (s3fs, PIL)", b), ("ours (Ray Data, uint8 patches)", o)):
+        print(f"{name + ':':34s} {r['img_s'] / per:8.1f} img/s per core ({r['img_s']:.1f} total), "
+              f"{r['cpu_ms']:6.2f} CPU-ms per image = {r['cpu_ms'] / dec_ms:4.2f}x decode-only "
+              f"(+ S3 server {r['s3_ms']:.2f})")
+    for name, r in (("baseline", b), ("ours", o)):
+        print(f"  {name} CPU-ms per image by process: " + ", ".join(f"{k} {v:.2f}" for k, v in r["top"]))
+    print(f"ratio ours / DataLoader, img/s:    {o['img_s'] / b['img_s']:8.2f}x")
+    print(f"ratio ours / DataLoader, CPU:      {b['cpu_ms'] / o['cpu_ms']:8.2f}x less CPU per image")
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
             if plan:
                 (boxes[n], flips[n]), out[n] = crop_plan(raw, tcfg, _row_rng(seed, epoch, key)), raw
             else:
-                out[n] = transform_image(raw, tcfg, _row_rng(seed, epoch, key))
+                transform_image(raw, tcfg, _row_rng(seed, epoch, key), out=out[n])
         except SkipImage as e:
             skipped.setdefault(e.reason, []).append(key)
             continue
@@ -329,26 +329,8 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
     epoch, u = stream.unit_of(item)
     unit = units[u]
     fs, _ = pyarrow_fs(uri)
-    # A read error is retried with backoff, then fails the task (and the run): never a skip.
-    if unit["kind"] == "parquet":
-        def read():
-            with storage_errors(f"{uri} ({unit['file']})"), fs.open_input_file(unit["file"]) as f:
-                return pq.ParquetFile(f).read_row_groups(unit["row_groups"], columns=["key", "image", "label"])
-        t = with_retries(read, retries=read_retries).slice(first_row)
-        keys, images, labels = t["key"].to_pylist(), t["image"].to_pylist(), t["label"].to_pylist()
-    else:
-        keys, images, labels = unit["files"][first_row:], [], None
-        for path in keys:
-            def read(path=path):
-                with storage_errors(f"{uri} ({path})"), fs.open_input_stream(path) as f:
-                    return f.read()
-            images.append(with_retries(read, retries=read_retries))
     ok, skipped, pending, rows = 0, {}, [], 0
-    for i in range(0, len(keys), decode_batch_size):
-        sl = slice(i, i + decode_batch_size)
-        part = {"key": keys[sl], "image": images[sl]}
-        if labels is not None:
-            part["label"] = labels[sl]
+    for part in _unit_rows(fs, uri, unit, first_row, decode_batch_size, read_retries):
         out, n, sk = decode_batch(part, root=uri, epoch=epoch, **decode_kw)
         ok += n
         for reason, ks in sk.items():
@@ -364,6 +346,61 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
         yield _concat(pending)
     if stats is not None:
         stats.record.remote(ok, skipped)  # fire and forget, once per unit
+
+
+def _unit_rows(fs, uri: str, unit: dict, first_row: int, batch: int, retries: int) -> Iterator[dict]:
+    """A read unit's rows from ``first_row`` on, as {"key", "image"[, "label"]} batches of up to
+    ``batch`` rows, in order.
+
+    Parquet units are read one row group at a time, the next one in a reader thread while this
+    one decodes (pyarrow reads without the GIL), so the task's CPU is not idle while it waits on
+    storage. A read error is retried with backoff, then fails the task (and the run): never a skip.
+    """
+    if unit["kind"] != "parquet":
+        keys = unit["files"][first_row:]
+        for i in range(0, len(keys), batch):
+            images = []
+            for path in keys[i:i + batch]:
+                def read(path=path):
+                    with storage_errors(f"{uri} ({path})"), fs.open_input_stream(path) as f:
+                        return f.read()
+                images.append(with_retries(read, retries=retries))
+            yield {"key": keys[i:i + batch], "image": images}
+        return
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+    opened: dict = {}
+
+    def read(rg: int):
+        def once():
+            with storage_errors(f"{uri} ({unit['file']})"):
+                try:
+                    if "pf" not in opened:  # one open (and one footer read) per unit
+                        opened["f"] = fs.open_input_file(unit["file"])
+                        opened["pf"] = pq.ParquetFile(opened["f"])
+                    return opened["pf"].read_row_group(rg, columns=["key", "image", "label"])
+                except Exception:
+                    opened.clear()  # a retry opens the file again
+                    raise
+        return with_retries(once, retries=retries)
+
+    skip = first_row
+    groups = list(unit["row_groups"])
+    with ThreadPoolExecutor(1) as reader:
+        nxt = reader.submit(read, groups[0])
+        for j in range(len(groups)):
+            t = nxt.result()
+            if j + 1 < len(groups):
+                nxt = reader.submit(read, groups[j + 1])  # overlaps the decode below
+            if skip >= t.num_rows:
+                skip -= t.num_rows
+                continue
+            t, skip = t.slice(skip), 0
+            keys, images, labels = t["key"].to_pylist(), t["image"].to_pylist(), t["label"].to_pylist()
+            for i in range(0, len(keys), batch):
+                yield {"key": keys[i:i + batch], "image": images[i:i + batch], "label": labels[i:i + batch]}
+    if "f" in opened:
+        opened["f"].close()
 
 
 def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int, run_id: str, stats) -> dict:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .decode import DEFAULT_MAX_PIXELS, SkipImage, decode, displayed_size, open_image
-from .patchify import patchify
+from .patchify import patchify_chw
 
 # The crop is read, never written: torch's warning about the read-only numpy view is noise.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -86,11 +86,17 @@ def _box_decode(data: bytes, box_fn, out: int, cfg: TransformConfig) -> np.ndarr
             need = (math.ceil(W / s), math.ceil(H / s))
     img = decode(data, need=need, max_pixels=cfg.max_pixels, img=header)
     fx, fy = img.size[0] / W, img.size[1] / H
-    return resize_crop(img, (l * fx, t * fy, r * fx, b * fy), out)
+    return resize_crop_chw(img, (l * fx, t * fy, r * fx, b * fy), out)
 
 
 def resize_crop(img: Image.Image, box, out: int) -> np.ndarray:
-    """Crop ``box`` (l, t, r, b) and resize to (out, out) with antialiased bicubic, uint8 HWC.
+    """Crop ``box`` (l, t, r, b) and resize to (out, out) with antialiased bicubic, uint8 HWC."""
+    return resize_crop_chw(img, box, out).permute(1, 2, 0).numpy()
+
+
+def resize_crop_chw(img: Image.Image, box, out: int) -> torch.Tensor:
+    """Crop ``box`` (l, t, r, b) and resize to (out, out) with antialiased bicubic -> uint8
+    (3, out, out), contiguous: what the kernel writes, before any layout copy.
 
     torch's uint8 antialiased resize computes PIL's filter (bicubic a=-0.5, antialias) at about
     3x PIL's speed here; only the crop is copied out of the decoded image.
@@ -103,11 +109,13 @@ def resize_crop(img: Image.Image, box, out: int) -> np.ndarray:
     # torch's uint8 kernel directly: what torchvision's resize calls for uint8 + antialias (the
     # same pixels), without importing torchvision (~3 s in every decode and training process)
     x = F.interpolate(x, size=(out, out), mode="bicubic", antialias=True, align_corners=False)
-    return x[0].permute(1, 2, 0).numpy()
+    return x[0]
 
 
-def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator) -> np.ndarray:
-    """Encoded image -> uint8 patches (L, p*p*3). Raises SkipImage."""
+def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """Encoded image -> uint8 patches (L, p*p*3), written into ``out`` when given (a row of the
+    batch: the resized pixels are copied once, flip and patch layout included). Raises SkipImage."""
     S = cfg.img_size
     if cfg.train:
         def box(W, H):
@@ -116,9 +124,9 @@ def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator)
     else:
         def box(W, H):
             return center_crop_box(W, H, S, cfg.crop_pct)
-    a = _box_decode(data, box, S, cfg)
+    a = _box_decode(data, box, S, cfg)  # uint8 tensor (3, S, S)
     if cfg.train and rng.random() < cfg.hflip:
-        a = a[:, ::-1]
-    if a.shape != (S, S, 3):
+        a = a.flip(-1)
+    if tuple(a.shape) != (3, S, S):
         raise SkipImage("corrupt", f"unexpected decoded shape {a.shape}")
-    return patchify(np.ascontiguousarray(a), cfg.patch_size)
+    return patchify_chw(a, cfg.patch_size, out)

@@ -49,6 +49,12 @@ def test_patchify_then_unpatchify_returns_the_crop():
     # and it is PIL's antialiased bicubic up to rounding
     pil = np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC, box=(l, t, l + w, t + h)))
     assert np.abs(pil.astype(int) - expected.astype(int)).mean() < 1.5
+    # flipped (the flip and the patch layout are one copy from the resized pixels, written straight
+    # into a batch row): the same as patchify of the mirrored crop
+    flip = TransformConfig(img_size=32, patch_size=8, train=True, hflip=1.0, reduced_decode=False)
+    batch = np.zeros((2, 16, 8 * 8 * 3), np.uint8)
+    transform_image(data, flip, np.random.default_rng(5), out=batch[1])
+    assert np.array_equal(batch[1], patchify(np.ascontiguousarray(expected[:, ::-1]), 8)) and not batch[0].any()
 
 
 def test_eval_transform_is_deterministic_center_crop():
