@@ -228,10 +228,10 @@ def main():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from s3server import S3Server
     server = S3Server()
+    tmp = tempfile.mkdtemp(prefix="mae-bench-")
     try:
         os.environ.update(server.env())
         server.create_bucket("bench")
-        tmp = tempfile.mkdtemp(prefix="mae-bench-")
         datas = make_images(a.images, os.path.join(tmp, "raw"))
         print(f"{a.images} JPEGs 500x375 q90, mean {np.mean([len(d) for d in datas]) / 1024:.0f} KB; "
               f"{a.cores} cores", flush=True)
@@ -250,6 +250,8 @@ def main():
         b = None if a.skip_baseline else baseline(keys, server.endpoint, a.cores, a.batch, server.proc.pid, a.epochs)
     finally:
         server.stop()
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
     per = a.cores
     print(f"decode-only (PIL to RGB, 1 core):  {ceil:8.1f} img/s per core, {dec_ms:6.2f} CPU-ms per image")
     print(f"ours, CPU per image / decode-only: {o['cpu_ms'] / dec_ms:8.2f}x (goal: within 1.7x)")
