@@ -66,17 +66,25 @@ def scratch_dirs():
     return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith(("mae-run-", "mae-ckpt-"))}
 
 
-def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(shards, bucket, tmp_path):
-    cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8", "scaling.strategy=fsdp",
-                 "scaling.placement_strategy=SPREAD")  # the default, PACK, would put both on one node
-    counter = str(tmp_path / "reports.jsonl")
-    before = scratch_dirs()
+@pytest.fixture(scope="module")
+def tiny(shards, bucket, tmp_path_factory):
+    """The 2-worker FSDP2 run on 2 nodes (16 steps, checkpoints at 8 and 16): asserted on by the
+    next test, and the weights the own-disk node's run starts from."""
     from ray.util.state import list_actors
 
     def train_workers():
         return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)}
-    earlier = train_workers()
+    cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8", "scaling.strategy=fsdp",
+                 "scaling.placement_strategy=SPREAD")  # the default, PACK, would put both on one node
+    counter = str(tmp_path_factory.mktemp("tiny") / "reports.jsonl")
+    before, earlier = scratch_dirs(), train_workers()
     result, plan = fit(cfg, callbacks=[ReportCounter(counter)])
+    return {"cfg": cfg, "result": result, "plan": plan, "reports": counter, "scratch_before": before,
+            "workers": {a: n for a, n in train_workers().items() if a not in earlier}}
+
+
+def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
+    cfg, result, plan, counter = tiny["cfg"], tiny["result"], tiny["plan"], tiny["reports"]
     assert result.error is None
     m = metrics_of(cfg)
     losses = [r["loss"] for r in m]
@@ -107,21 +115,13 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(shards, bucket, t
     files = {p.rsplit("/", 1)[-1] for p, _ in list_files(run)}
     assert {"metrics.jsonl", "config.yaml", "reconstruction_latest.png", "checkpoints.json"} <= files
     # the two workers ran on two nodes
-    ours = {a: n for a, n in train_workers().items() if a not in earlier}
+    ours = tiny["workers"]
     assert len(ours) == 2 and len(set(ours.values())) == 2
     # credentials never land in the saved config
     saved = read_bytes(f"{run}/config.yaml").decode()
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in saved
     # the workers' scratch directories went with the attempt
-    assert scratch_dirs() <= before
-    # a new run started from this one's weights (read once by rank 0, broadcast to both workers'
-    # shards) begins where this one ended, not at a random init's loss; it decodes on the workers'
-    # device (data.decode=gpu, here the CPU): the same patches within rounding, so the same loss
-    init = config(shards, bucket, "tiny-init", "train.max_steps=2", "train.ckpt_every=2", "optim.base_lr=1e-9",
-                  f"model.init_from={run}", "data.decode=gpu")
-    assert fit(init)[0].error is None
-    first = metrics_of(init)[0]["loss"]
-    assert abs(first - losses[-1]) < 0.25 * losses[-1] and first < 0.8 * losses[0], (first, losses)
+    assert scratch_dirs() <= tiny["scratch_before"]
 
 
 def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, bucket):
@@ -183,10 +183,15 @@ def test_local_paths_are_refused_on_a_multi_node_cluster(shards, bucket, labeled
     assert not exists(f"s3://{bucket}/runs/local/config.yaml")  # refused before anything was written
 
 
-def test_on_a_node_with_its_own_disk_local_paths_are_refused_and_s3_runs(shards, bucket, labeled_dir, tmp_path):
+def test_on_a_node_with_its_own_disk_local_paths_are_refused_and_s3_runs(tiny, shards, bucket, labeled_dir, tmp_path):
     """The simulated nodes above share one disk, which hides what a real cluster does to a local
     path. Here a node sees only its own disk: local paths are refused at launch; the same run on
-    the S3 server trains on that node and its checkpoint is there for everyone."""
+    the S3 server trains on that node and its checkpoint is there for everyone.
+
+    That run also starts from the 2-worker run's weights (``model.init_from`` a run directory on
+    S3: its FSDP2 shards, read by rank 0), and decodes on the worker's device (``data.decode=gpu``,
+    here the CPU: the same patches within rounding): it begins where that run ended, not at a
+    random init's loss."""
     import ray
     from privatenode import PrivateNode
     from pipeline.storage import StorageError
@@ -201,9 +206,13 @@ def test_on_a_node_with_its_own_disk_local_paths_are_refused_and_s3_runs(shards,
             fit(config(shards, bucket, "own-disk-local", *on_node, f"run.storage_path={tmp_path}/runs"))
         from ray.util.state import list_actors
         before = {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)}
-        cfg = config(shards, bucket, "own-disk-s3", *on_node)
+        cfg = config(shards, bucket, "own-disk-s3", *on_node, "optim.base_lr=1e-9", "data.decode=gpu",
+                     f"model.init_from={run_dir_of(tiny['cfg'])}")
         fit(cfg)
         assert ckpt.latest_complete(run_dir_of(cfg))["step"] == 2
+        losses = [r["loss"] for r in metrics_of(tiny["cfg"])]
+        first = metrics_of(cfg)[0]["loss"]
+        assert abs(first - losses[-1]) < 0.25 * losses[-1] and first < 0.8 * losses[0], (first, losses)
         ran_on = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)
                   if a.actor_id not in before}
         assert ran_on == {node.node_id}
