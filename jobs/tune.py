@@ -10,6 +10,10 @@ images seen (the same ``train.max_steps`` x global batch for all), early stoppin
 objective with ``images_seen`` as its clock, and the best trial is chosen over every trial's whole
 history (``scope="all"``), so that an early-stopped trial's last value cannot win by accident.
 
+``--objective loss`` (minimized) is for searches whose trials share the mask ratio (a learning
+rate, a warmup, a batch size) or data without labels; it is refused when the space varies the
+mask ratio.
+
     mae tune base.yaml data.source=s3://b/shards run.storage_path=s3://b/tune \\
         --space model.overrides.mask_ratio=0.5,0.75,0.9 --space model.overrides.decoder_depth=1,4,8
 """
@@ -30,16 +34,28 @@ from jobs.core.config import PretrainConfig, load, set_field
 from pipeline.storage import check_visible_to_cluster, parse_uri, pyarrow_fs, write_bytes
 
 DEFAULT_SPACE = {"model.overrides.mask_ratio": [0.5, 0.75, 0.9], "model.overrides.decoder_depth": [1, 4, 8]}
-OBJECTIVE = "knn_top1"
+OBJECTIVE = "knn_top1"  # the default objective
+OBJECTIVES = {"knn_top1": "max", "loss": "min"}  # objective -> the direction that is better
 
 
-def trial_config(base: dict, params: dict, trial_name: str, tune_dir: str) -> PretrainConfig:
+def check_objective(objective: str, space: dict) -> str:
+    """-> the objective's mode; one line when it cannot rank the space's trials."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective {objective}: choose one of {', '.join(OBJECTIVES)}")
+    if objective == "loss" and len(set(space.get("model.overrides.mask_ratio", []))) > 1:
+        raise UserError("--objective loss cannot rank mask ratios (a higher ratio always has a higher loss, yet "
+                        "0.75 beats 0.5 downstream): use --objective knn_top1, or search one mask ratio")
+    return OBJECTIVES[objective]
+
+
+def trial_config(base: dict, params: dict, trial_name: str, tune_dir: str,
+                 objective: str = OBJECTIVE) -> PretrainConfig:
     cfg = PretrainConfig.from_dict(base)
     for k, v in params.items():
         set_field(cfg, k, v)
     cfg.run.storage_path = str(parse_uri(tune_dir).join("trials"))
     cfg.run.name = trial_name
-    cfg.train.knn_eval = True
+    cfg.train.knn_eval = cfg.train.knn_eval or objective == "knn_top1"
     if cfg.train.report_every == 0:  # the scheduler needs results between checkpoints
         cfg.train.report_every = cfg.train.log_every
     return cfg.validate()
@@ -52,7 +68,8 @@ def trial(config: dict) -> None:
 
     from jobs.core.launch import fit
     ctx = ray.tune.get_context()
-    cfg = trial_config(config["base"], config["params"], ctx.get_trial_id(), config["tune_dir"])
+    cfg = trial_config(config["base"], config["params"], ctx.get_trial_id(), config["tune_dir"],
+                       config.get("objective", OBJECTIVE))
     # A non-finite loss ends the run with an "error" report (objective 0) that reaches Tune
     # through the callback; the search goes on.
     fit(cfg, verbose=False, callbacks=[TuneReportCallback()], check_cpus=False)
@@ -116,15 +133,16 @@ def _trial_checkpoint(tune_dir: str, trial_id: str | None) -> str | None:
     return c["uri"] if c else None
 
 
-def results_table(grid, space: dict, tune_dir: str) -> list[dict]:
+def results_table(grid, space: dict, tune_dir: str, objective: str = OBJECTIVE) -> list[dict]:
+    """One row per trial, from the report of its history where the objective was best."""
     rows = []
     for r in grid:
         hist = r.metrics_dataframe
         best = None
-        if hist is not None and OBJECTIVE in hist:
-            h = hist.dropna(subset=[OBJECTIVE])
+        if hist is not None and objective in hist:
+            h = hist.dropna(subset=[objective])
             if len(h):
-                best = h.loc[h[OBJECTIVE].idxmax()]
+                best = h.loc[h[objective].idxmax() if OBJECTIVES[objective] == "max" else h[objective].idxmin()]
         params = r.config["params"]
         rows.append({**{k: params.get(k) for k in space},
                      "trial": r.metrics.get("trial_id") if r.metrics else None,
@@ -157,21 +175,23 @@ def write_results(rows: list[dict], tune_dir: str, best_cfg: PretrainConfig | No
         write_bytes(u.join("best_config.yaml"), best_cfg.to_yaml().encode())
 
 
-def optuna_searcher():
-    """Optuna's TPE through Ray Tune's OptunaSearch, on the objective (maximized)."""
+def optuna_searcher(objective: str = OBJECTIVE):
+    """Optuna's TPE through Ray Tune's OptunaSearch, on the objective."""
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise UserError("--search optuna needs the optuna package: pip install 'ray-mae[search]' "
                         "(or pip install optuna)") from None
-    return OptunaSearch(metric=OBJECTIVE, mode="max", seed=0)
+    return OptunaSearch(metric=objective, mode=OBJECTIVES[objective], seed=0)
 
 
 def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, search: str = "grid",
              num_samples: int = 1, grace_images: int | None = None, max_concurrent_trials: int | None = None,
-             restore: bool = True):
+             restore: bool = True, objective: str = OBJECTIVE):
     from ray import tune
+
+    mode = check_objective(objective, space)
 
     fs, root = pyarrow_fs(storage)
     if parse_uri(storage).scheme == "file":
@@ -183,7 +203,7 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
     else:
         param_space = {k: tune.choice(v) for k, v in space.items()}
     if search == "optuna":  # model-based (TPE): each trial's choice learns from the finished ones
-        search_alg = optuna_searcher()
+        search_alg = optuna_searcher(objective)
     from jobs.core.launch import paths_of
     check_visible_to_cluster({**paths_of(base), "run.storage_path": storage}, shared_fs=base.run.shared_fs,
                              setting="run.shared_fs=true")
@@ -191,7 +211,7 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
     mc = min(max_concurrent_trials or fit_at_once, fit_at_once)
     budget = base.train.max_steps * base.train.batch_size * base.scaling.num_workers * base.optim.accum_steps
     scheduler = tune.schedulers.ASHAScheduler(
-        time_attr="images_seen", metric=OBJECTIVE, mode="max", max_t=max(1, budget),
+        time_attr="images_seen", metric=objective, mode=mode, max_t=max(1, budget),
         grace_period=grace_images or max(1, budget // 4), reduction_factor=2)
     trainable = tune.with_resources(trial, {"cpu": DRIVER_CPUS})
     path = f"{root.rstrip('/')}/{name}"
@@ -202,7 +222,8 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": base.to_dict(), "tune_dir": tune_dir, "params": param_space},
+            param_space={"base": base.to_dict(), "tune_dir": tune_dir, "objective": objective,
+                         "params": param_space},
             tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=mc, search_alg=search_alg),
             run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs),
@@ -210,13 +231,13 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
     need = trial_resources(base)
     print(f"[tune] {tune_dir}: space {space}, {mc} concurrent trials of {need['CPU']:g} CPUs"
           + (f" and {need['GPU']} GPUs" if need["GPU"] else "") + ", "
-          f"budget {budget} images per trial, objective {OBJECTIVE} (max)", flush=True)
+          f"budget {budget} images per trial, objective {objective} ({mode})", flush=True)
     grid = tuner.fit()
-    rows = results_table(grid, space, tune_dir)
+    rows = results_table(grid, space, tune_dir, objective)
     best_cfg = None
     try:
-        best = grid.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
-        best_cfg = trial_config(base.to_dict(), best.config["params"], "best", tune_dir)
+        best = grid.get_best_result(metric=objective, mode=mode, scope="all")
+        best_cfg = trial_config(base.to_dict(), best.config["params"], "best", tune_dir, objective)
     except Exception:  # noqa: BLE001 - no trial reported the objective
         pass
     if rows:
@@ -237,6 +258,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", default="mae-tune")
     ap.add_argument("--grace-images", type=int, default=None, help="ASHA grace period in images seen")
     ap.add_argument("--max-concurrent", type=int, default=None)
+    ap.add_argument("--objective", choices=sorted(OBJECTIVES), default=OBJECTIVE,
+                    help="knn_top1 (max; default: labeled data) or loss (min; only when the trials share the "
+                         "mask ratio, e.g. a learning-rate search, or the data has no labels)")
     return ap
 
 
@@ -250,13 +274,15 @@ def main(argv=None) -> int:
         if base.train.max_steps <= 0:
             raise UserError("train.max_steps must be set: every trial gets the same budget of images")
         space = parse_space(a.space)
+        check_objective(a.objective, space)
         for k, vals in space.items():
             for v in vals:
                 set_field(PretrainConfig.from_dict(base.to_dict()), k, v)  # validate every value up front
         init_ray(base.run.address or None, num_cpus=trial_resources(base)["CPU"])
         grid, rows, tune_dir = run_tune(base, space, name=a.name, storage=base.run.storage_path,
                                         search=a.search, num_samples=a.num_samples,
-                                        grace_images=a.grace_images, max_concurrent_trials=a.max_concurrent)
+                                        grace_images=a.grace_images, max_concurrent_trials=a.max_concurrent,
+                                        objective=a.objective)
     print(f"[tune] results: {tune_dir}/results.md, results.csv; best config: {tune_dir}/best_config.yaml")
     for r in rows:
         print("  " + json.dumps(r))
