@@ -320,7 +320,6 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
     Items before the start position (the driver's, or a later one that a restarted worker group of
     ``run_id`` set on the stats actor) are dropped unread, and the first rows of the item at that
     position before decoding. Decoded and skipped counts go to the stats actor once per unit."""
-    import pyarrow.parquet as pq
     item = int(batch["item"][0])
     start = _resume_at(stats, run_id, start)
     if item < start[0]:
@@ -386,21 +385,23 @@ def _unit_rows(fs, uri: str, unit: dict, first_row: int, batch: int, retries: in
 
     skip = first_row
     groups = list(unit["row_groups"])
-    with ThreadPoolExecutor(1) as reader:
-        nxt = reader.submit(read, groups[0])
-        for j in range(len(groups)):
-            t = nxt.result()
-            if j + 1 < len(groups):
-                nxt = reader.submit(read, groups[j + 1])  # overlaps the decode below
-            if skip >= t.num_rows:
-                skip -= t.num_rows
-                continue
-            t, skip = t.slice(skip), 0
-            keys, images, labels = t["key"].to_pylist(), t["image"].to_pylist(), t["label"].to_pylist()
-            for i in range(0, len(keys), batch):
-                yield {"key": keys[i:i + batch], "image": images[i:i + batch], "label": labels[i:i + batch]}
-    if "f" in opened:
-        opened["f"].close()
+    try:
+        with ThreadPoolExecutor(1) as reader:
+            nxt = reader.submit(read, groups[0])
+            for j in range(len(groups)):
+                t = nxt.result()
+                if j + 1 < len(groups):
+                    nxt = reader.submit(read, groups[j + 1])  # overlaps the decode below
+                if skip >= t.num_rows:
+                    skip -= t.num_rows
+                    continue
+                t, skip = t.slice(skip), 0
+                keys, images, labels = t["key"].to_pylist(), t["image"].to_pylist(), t["label"].to_pylist()
+                for i in range(0, len(keys), batch):
+                    yield {"key": keys[i:i + batch], "image": images[i:i + batch], "label": labels[i:i + batch]}
+    finally:  # also when a read fails or the task stops early
+        if "f" in opened:
+            opened["f"].close()
 
 
 def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int, run_id: str, stats) -> dict:

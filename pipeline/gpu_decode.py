@@ -75,7 +75,7 @@ def decode_on_device(images: list[bytes], boxes: np.ndarray, flips: np.ndarray, 
     """images: encoded bytes [B]; boxes: float [B, 4] (l, t, r, b) in displayed pixels; flips: bool
     [B] -> (uint8 patches [B', L, p*p*3] on ``device``, indices of the kept rows [B'], skipped count).
 
-    Crop as :func:`pipeline.transforms.resize_crop` rounds the box; resize by antialiased bicubic
+    Crop as :func:`pipeline.transforms.resize_crop_chw` rounds the box; resize by antialiased bicubic
     in float (torch's uint8 kernel is CPU-only), rounded back to uint8.
     """
     S, p = img_size, patch_size

@@ -36,7 +36,7 @@ def patchify_chw(img: torch.Tensor, patch_size: int, out: np.ndarray | None = No
         raise ValueError(f"image of {H}x{W} is not divisible into {p}x{p} patches")
     h, w = H // p, W // p
     if out is None:
-        out = np.empty((h * w, p * p * C), np.uint8 if img.dtype == torch.uint8 else np.float32)
+        out = torch.empty((h * w, p * p * C), dtype=img.dtype).numpy()
     elif out.shape != (h * w, p * p * C) or not out.flags.c_contiguous:
         raise ValueError(f"out must be a contiguous ({h * w}, {p * p * C}) array, got {out.shape}")
     dst = torch.from_numpy(out).view(h, w, p, p, C)

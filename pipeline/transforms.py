@@ -89,11 +89,6 @@ def _box_decode(data: bytes, box_fn, out: int, cfg: TransformConfig) -> np.ndarr
     return resize_crop_chw(img, (l * fx, t * fy, r * fx, b * fy), out)
 
 
-def resize_crop(img: Image.Image, box, out: int) -> np.ndarray:
-    """Crop ``box`` (l, t, r, b) and resize to (out, out) with antialiased bicubic, uint8 HWC."""
-    return resize_crop_chw(img, box, out).permute(1, 2, 0).numpy()
-
-
 def resize_crop_chw(img: Image.Image, box, out: int) -> torch.Tensor:
     """Crop ``box`` (l, t, r, b) and resize to (out, out) with antialiased bicubic -> uint8
     (3, out, out), contiguous: what the kernel writes, before any layout copy.

@@ -85,6 +85,14 @@ def labeled_dir(tmp_path_factory):
     return str(root)
 
 
+def scratch_dirs() -> set[str]:
+    """The training attempts' scratch directories in this machine's temp dir (every simulated node's)."""
+    import tempfile
+
+    from jobs.core.common import SCRATCH_PREFIX
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith((SCRATCH_PREFIX, "mae-ckpt-"))}
+
+
 def upload_dir(local: str, s3_uri: str) -> None:
     from pipeline.storage import fsspec_fs
     fs, p = fsspec_fs(s3_uri)

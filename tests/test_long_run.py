@@ -10,6 +10,7 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import scratch_dirs
 
 from jobs.core import checkpoint as ckpt
 from jobs.core.config import load
@@ -64,12 +65,6 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
                                else "")
             out[owner][kind] += 1
     return out
-
-
-def scratch_dirs() -> set[str]:
-    import os
-    import tempfile
-    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("mae-run-")}
 
 
 def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_cluster, labeled_dir):

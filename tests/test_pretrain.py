@@ -5,9 +5,9 @@ Each Ray Train run takes ~20 s to its first step here, so runs are few and small
 
 import json
 import os
-import tempfile
 
 import pytest
+from conftest import scratch_dirs
 
 from jobs.core import checkpoint as ckpt
 from jobs.core.config import load
@@ -60,10 +60,6 @@ class ReportCounter:
 def reports_in(path):
     with open(path) as f:
         return [json.loads(x) for x in f]
-
-
-def scratch_dirs():
-    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith(("mae-run-", "mae-ckpt-"))}
 
 
 @pytest.fixture(scope="module")
