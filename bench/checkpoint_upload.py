@@ -1,13 +1,15 @@
-"""Time a checkpoint upload holds the training loop: Ray Train V2's SYNC upload (what the trainer
-uses) against its ASYNC upload, side by side in one run.
+"""How long a checkpoint save holds the training loop: the trainer's own save path with
+``train.async_checkpoint=false`` (the loop waits for the upload: Ray Train's SYNC mode) against
+``true`` (the loop waits only for the write to the node's disk; the upload, hashing and the
+``COMPLETE`` marker follow in the background), side by side in one run.
 
-Two Train workers on a local Ray each save a shard of ``--mb`` MiB (random bytes, as a DCP shard
-is incompressible) to the tests' S3 server (SeaweedFS on 127.0.0.1, started here), ``--saves``
-times per mode, with ``--work`` seconds of "training" between saves. Measured on each worker:
-how long ``ray.train.report(..., checkpoint=...)`` blocks (the time the GPUs would wait), and, for
-ASYNC, how long until the controller registered the checkpoint (the upload's real length).
+Two Train workers (FSDP2 over gloo) on a local Ray pretrain ``--preset`` on the digits for
+``--steps`` steps with a checkpoint every ``--every`` steps to the tests' S3 server (SeaweedFS on
+127.0.0.1, started here). Read back from each run's ``metrics.jsonl``: the stall of every save
+(``time/checkpoint_stall_s``, measured by rank 0 from the start of the save to the loop going on)
+and the step time around it; from storage: that every checkpoint is complete and loads.
 
-    python bench/checkpoint_upload.py [--mb 256] [--saves 3] [--work 3]
+    python bench/checkpoint_upload.py [--preset mae_vit_base_patch16] [--steps 7] [--every 2]
 """
 
 from __future__ import annotations
@@ -26,36 +28,11 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
-def train_fn(config: dict) -> None:
-    import ray.train
-    from ray.train import CheckpointUploadMode
-
-    rank = ray.train.get_context().get_world_rank()
-    out = []
-    payload = os.urandom(config["mb"] * 2**20)
-    for mode in ("SYNC", "ASYNC"):
-        for i in range(config["saves"]):
-            d = tempfile.mkdtemp(prefix="bench-ckpt-")
-            with open(os.path.join(d, f"shard_{rank}.bin"), "wb") as f:
-                f.write(payload)
-            t0 = time.perf_counter()
-            ray.train.report({"mode": mode, "i": i}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"{mode.lower()}_{i:03d}",
-                             checkpoint_upload_mode=getattr(CheckpointUploadMode, mode))
-            out.append({"mode": mode, "blocked_s": time.perf_counter() - t0})
-            if mode == "SYNC":  # ASYNC deletes its local copy after the upload itself
-                shutil.rmtree(d, ignore_errors=True)
-            time.sleep(config["work"])  # the next steps of training
-    if rank == 0:
-        with open(config["out"], "w") as f:
-            json.dump(out, f)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=int, default=256)
-    ap.add_argument("--saves", type=int, default=3)
-    ap.add_argument("--work", type=float, default=3.0)
+    ap.add_argument("--preset", default="mae_vit_base_patch16")
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--every", type=int, default=2)
     a = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1 only
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -63,35 +40,60 @@ def main() -> None:
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     from s3server import S3Server
     server = S3Server()
+    work = tempfile.mkdtemp(prefix="bench-ckpt-")
     try:
         os.environ.update(server.env())
         bucket = server.create_bucket("bench")
         import ray
-        import ray.train
-        from ray.train.torch import TorchTrainer
 
-        from pipeline.storage import pyarrow_fs
-        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-        out = os.path.join(tempfile.mkdtemp(prefix="bench-"), "times.json")
-        fs, root = pyarrow_fs(f"s3://{bucket}/runs")
-        t0 = time.perf_counter()
-        TorchTrainer(train_fn, train_loop_config={"mb": a.mb, "saves": a.saves, "work": a.work, "out": out},
-                     scaling_config=ray.train.ScalingConfig(num_workers=2),
-                     run_config=ray.train.RunConfig(name="upload", storage_path=root, storage_filesystem=fs)).fit()
-        total = time.perf_counter() - t0
-        with open(out) as f:
-            rows = json.load(f)
-        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
-        sync = statistics.mean(r["blocked_s"] for r in rows if r["mode"] == "SYNC")
-        asyn = statistics.mean(r["blocked_s"] for r in rows if r["mode"] == "ASYNC")
-        print(f"checkpoint of 2 x {a.mb} MiB to S3 on 127.0.0.1, {a.saves} saves per mode, {a.work:g} s of work "
-              f"between saves ({total:.0f} s in all)")
-        print(f"  SYNC  (ours): report() blocks {sync:.2f} s per save")
-        print(f"  ASYNC       : report() blocks {asyn:.2f} s per save")
-        print(f"  ratio SYNC / ASYNC: {sync / max(asyn, 1e-6):.1f}x")
+        from jobs.core import checkpoint as ckpt
+        from jobs.core.common import init_ray
+        from jobs.core.config import load
+        from jobs.core.launch import fit, run_dir_of
+        from pipeline.prepare import PrepareConfig, prepare
+        from pipeline.storage import read_bytes
+        from pipeline.synthetic import write_digits_folder
+        init_ray(num_cpus=4)
+        write_digits_folder(os.path.join(work, "raw"))
+        shards = f"s3://{bucket}/digits"
+        prepare(PrepareConfig(src=os.path.join(work, "raw"), dst=shards, val_fraction=0.0, shard_size_mb=0.25),
+                progress=False)
+        rows = {}
+        for mode in ("false", "true"):
+            cfg = load(None, [f"model.preset={a.preset}", f"data.source={shards}", "train.batch_size=1",
+                              f"train.max_steps={a.steps}", "train.log_every=1", f"train.ckpt_every={a.every}",
+                              "train.keep_last=2", "train.vis_images=0", "scaling.num_workers=2",
+                              "scaling.strategy=fsdp", f"train.async_checkpoint={mode}",
+                              f"run.storage_path=s3://{bucket}/runs", f"run.name=async-{mode}"])
+            t0 = time.perf_counter()
+            result, _ = fit(cfg, verbose=False)
+            wall = time.perf_counter() - t0
+            assert result.error is None, result.error
+            run = run_dir_of(cfg)
+            m = [json.loads(x) for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
+            stalls = [r["time/checkpoint_stall_s"] for r in m if "time/checkpoint_stall_s" in r]
+            # a step without a save: the images/s of log windows that held no save
+            plain = [r["throughput/images_per_s"] for r in m[1:] if "time/checkpoint_stall_s" not in r
+                     and r["step"] % a.every]
+            latest = ckpt.latest_complete(run)
+            man = json.loads(read_bytes(f"{latest['uri']}/manifest.json"))
+            assert latest["step"] == a.steps and man["world_size"] == 2
+            rows[mode] = {"stalls": stalls, "wall": wall, "mib": man["total_bytes"] / 2**20,
+                          "step_s": 2 / statistics.mean(plain) if plain else float("nan")}
+        sync, asyn = (statistics.mean(rows[k]["stalls"]) for k in ("false", "true"))
+        print(f"{a.preset}, 2 workers (FSDP2, gloo), a checkpoint of {rows['true']['mib']:.0f} MiB every "
+              f"{a.every} steps to S3 on 127.0.0.1, {a.steps} steps per mode")
+        for k, label in (("false", "train.async_checkpoint=false (upload on the loop)"),
+                         ("true", "train.async_checkpoint=true  (upload in the background)")):
+            r = rows[k]
+            print(f"  {label}: stall per save {', '.join(f'{s:.2f}' for s in r['stalls'])} s "
+                  f"(mean {statistics.mean(r['stalls']):.2f}); a step without a save {r['step_s']:.2f} s; "
+                  f"run {r['wall']:.0f} s")
+        print(f"  ratio of the mean stall, sync / async: {sync / max(asyn, 1e-6):.1f}x")
         ray.shutdown()
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ def write_checkpoint(model, opt, run_uri: str, step: int, loss: float, tmp) -> s
     local.mkdir()
     cfg = yaml.safe_dump({"model": {"preset": "mae_vit_micro_patch4", "overrides": {}},
                           "train": {"best_metric": "loss"}})
-    files = ckpt.write_local(model, opt, str(local), rank=0, config_yaml=cfg,
-                             train_state={"step": step, "metrics": {"loss": loss}, "time": time.time()})
-    man = ckpt.write_manifest(str(local), [files], 1)
+    ckpt.write_local(model, opt, str(local), rank=0, config_yaml=cfg,
+                     train_state={"step": step, "metrics": {"loss": loss}, "time": time.time()})
+    man = ckpt.write_manifest(str(local), [ckpt.file_manifest(str(local))], 1)
     name = ckpt.ckpt_name(step)
     uri = str(parse_uri(run_uri).join(name))
     fs, p = fsspec_fs(uri)
@@ -298,3 +298,25 @@ def test_a_run_that_stops_before_its_first_log_line_keeps_its_own_error(bucket, 
     logger.sync()
     assert json.loads(run.read("metrics.jsonl"))["train/loss"] == 1.5
     logger.close()
+
+
+def test_a_resumed_attempt_drops_the_log_records_after_its_checkpoint(bucket, tmp_path):
+    """Metrics are synced at the start of a save, its marker comes after every rank's upload: an
+    attempt that dies in between has stored records of steps the next attempt, resumed from the
+    checkpoint before, trains again. They went into the log twice (the run's history showed steps
+    1..6 then 5, 6, ... again)."""
+    from jobs.core.metrics import MetricsLogger
+    run = Store(f"s3://{bucket}/metrics-tests/resumed")
+    first = MetricsLogger(str(tmp_path / "a"), run, total_steps=8)
+    for step in range(1, 7):
+        first.log(step, {"loss": 1.0 / step})
+    first.sync()  # the save of step 6 started ... and its attempt died before the marker
+    first.close()
+    second = MetricsLogger(str(tmp_path / "b"), run, total_steps=8)  # resumed from checkpoint 4
+    second.keep_until(4)
+    for step in range(5, 9):
+        second.log(step, {"loss": 1.0 / step})
+    second.sync()
+    second.close()
+    steps = [json.loads(x)["step"] for x in run.read("metrics.jsonl").decode().splitlines()]
+    assert steps == list(range(1, 9))

@@ -13,12 +13,13 @@ Layout of one checkpoint (a directory under the run directory)::
         COMPLETE                                     written last: only then does it count
     RUN/checkpoints.json                             the index: kept checkpoints with their metrics
 
-Saving: each rank writes its DCP shard locally and computes its files' hashes; the per-rank file
-lists are gathered on rank 0 (one small collective, no reads from storage), which adds
-``manifest.json``; the directories go up through ``ray.train.report`` (Ray merges the ranks' files
-in storage); after a barrier rank 0's :class:`Finalizer` thread writes the marker, the index and
-prunes, off the training path. Its requests per save are constant: the index is kept in memory,
-pruning is decided from it, and a pruned directory is emptied by one listing of that directory.
+Saving: every rank writes its DCP shard to its node's disk (the only part on the training path),
+then uploads it in the background (Ray Train's ASYNC upload, one upload at a time per worker) and
+hashes its files there; when a rank's upload is in storage it sends its file list to rank 0 (one
+small gather on a process group of the upload threads only). Rank 0's upload thread, once it has
+every rank's list, writes ``manifest.json``, then the ``COMPLETE`` marker, the index, and prunes:
+so a marker never precedes the last shard. Its requests per save are constant: the index is kept
+in memory, pruning is decided from it, and a pruned directory is emptied by one listing of it.
 
 Loading: one choice of checkpoint for all ranks (rank 0 reads the index and broadcasts), then
 every rank reads only the byte ranges it needs straight from storage (DCP's fsspec reader).
@@ -32,7 +33,6 @@ import json
 import os
 import random
 import re
-import threading
 import time
 
 import numpy as np
@@ -151,9 +151,9 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def write_local(model, optimizer, local_dir: str, *, rank: int, train_state: dict, config_yaml: str) -> dict:
+def write_local(model, optimizer, local_dir: str, *, rank: int, train_state: dict, config_yaml: str) -> None:
     """Collective: every rank writes its DCP shard and RNG state into ``local_dir`` (rank 0 also
-    the train state and config). Returns this rank's files with size and sha256."""
+    the train state and config). Hashing and upload come after, off the training path."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -165,29 +165,33 @@ def write_local(model, optimizer, local_dir: str, *, rank: int, train_state: dic
             json.dump(train_state, f, indent=1)
         with open(os.path.join(local_dir, "config.yaml"), "w") as f:
             f.write(config_yaml)
-    return file_manifest(local_dir)
 
 
-def write_manifest(local_dir: str, files_per_rank: list[dict], world_size: int) -> dict:
-    """Rank 0, before the upload: every rank's files (gathered in memory) -> ``manifest.json``."""
+def build_manifest(files_per_rank: list[dict], world_size: int) -> dict:
+    """Every rank's files (size, sha256), gathered in memory on rank 0 -> the manifest's content."""
     files: dict[str, dict] = {}
     for f in files_per_rank:
         files.update(f)
-    manifest = {"files": files, "total_bytes": sum(f["size"] for f in files.values()),
-                "world_size": world_size, "created": time.time()}
+    return {"files": files, "total_bytes": sum(f["size"] for f in files.values()),
+            "world_size": world_size, "created": time.time()}
+
+
+def write_manifest(local_dir: str, files_per_rank: list[dict], world_size: int) -> dict:
+    """``manifest.json`` into a local checkpoint directory (before its upload)."""
+    manifest = build_manifest(files_per_rank, world_size)
     with open(os.path.join(local_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
 
 
 class Finalizer:
-    """Rank 0: marks uploaded checkpoints complete, keeps the index and prunes, in a background
-    thread (one save at a time; the next save, and the end of the attempt, wait for it).
+    """Rank 0: marks uploaded checkpoints complete, keeps the index and prunes. Called by rank 0's
+    upload thread once every rank's upload is in storage (``complete``), one save at a time.
 
     The index is read once per attempt and then kept in memory, so a save costs the same number of
-    requests at step 1 and at step 500,000: the marker, the index, and for each checkpoint that
-    falls out (normally one) its marker removed, a ``PRUNED`` note, one listing of that directory
-    and one bulk delete."""
+    requests at step 1 and at step 500,000: the manifest, the marker, the index, and for each
+    checkpoint that falls out (normally one) its marker removed, a ``PRUNED`` note, one listing of
+    that directory and one bulk delete."""
 
     def __init__(self, run: Store, keep_last: int, best_metric: str, log=print):
         self.run, self.keep_last, self.best_metric, self.log = run, keep_last, best_metric, log
@@ -203,40 +207,26 @@ class Finalizer:
                     index.append({"name": name, "step": int(m.group(1)), "complete": True, "metrics": {}})
             index.sort(key=lambda e: e["step"])
         self.index = index
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, entry: dict) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._run, args=(entry,), daemon=True, name="mae-finalize")
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
 
     def latest(self) -> dict | None:
         """The newest complete checkpoint of the index (its marker checked: one request)."""
         return _latest_in(self.run, self.index)
 
-    def _run(self, entry: dict) -> None:
-        try:
-            t0 = time.perf_counter()
-            self.finalize(entry)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
-            self._error = e
-            return
+    def complete(self, entry: dict, files_per_rank: list[dict], world_size: int) -> None:
+        """Every rank's files are in storage: manifest, marker, index, then pruning (whose failure
+        only postpones it to the next save: the new checkpoint is complete either way)."""
+        t0 = time.perf_counter()
+        manifest = build_manifest(files_per_rank, world_size)
+        self.run.write(f"{entry['name']}/manifest.json", json.dumps(manifest, indent=1).encode())
+        entry = dict(entry, bytes=manifest["total_bytes"])
+        self.finalize(entry)
         try:
             removed = self.prune()
-        except StorageError as e:  # the new checkpoint is complete; an old one stays until the next save
+        except StorageError as e:
             removed = []
             self.log(f"[mae] warning: pruning old checkpoints failed, retried at the next save: {e}")
         self.log(f"[mae] checkpoint {self.run.uri_of(entry['name'])} complete "
-                 f"({entry.get('bytes', 0) / 2**20:.1f} MiB; finalized in {time.perf_counter() - t0:.1f}s)"
+                 f"({entry['bytes'] / 2**20:.1f} MiB; finalized in {time.perf_counter() - t0:.1f}s)"
                  + (f"; removed {', '.join(removed)}" if removed else ""))
 
     def finalize(self, entry: dict) -> None:

@@ -63,6 +63,8 @@ class TrainSection:
                                             "was sooner than this (Train V2's controller polls every ~2 s)")
     ckpt_every: int = _f(1000, "optimizer steps between checkpoints (and one at the end)")
     keep_last: int = _f(3, "complete checkpoints to keep (plus the best)")
+    async_checkpoint: bool = _f(True, "upload checkpoints in the background: the loop waits only for the write to "
+                                      "the node's disk; false: it also waits for the upload")
     best_metric: str = _f("loss", "metric that picks the kept best checkpoint (lower is better; '' for none)")
     vis_every: int = _f(0, "steps between reconstruction pictures (0: at checkpoints and the end)")
     vis_images: int = _f(8, "validation images in the reconstruction picture")
@@ -74,7 +76,10 @@ class TrainSection:
     compile: bool = _f(False, "torch.compile each transformer block before sharding (GPU; the first steps "
                               "pay the compile)")
     stop_after_steps: int = _f(-1, "testing aid: return cleanly after this many steps of this attempt")
-    crash_at_step: int = _f(-1, "testing aid: SIGKILL rank 1 once at this step (fault-tolerance tests)")
+    crash_at_step: int = _f(-1, "testing aid: SIGKILL rank 1 once at this step, once the last save is complete "
+                                "(fault-tolerance tests)")
+    crash_in_upload: bool = _f(False, "testing aid: with crash_at_step (a checkpoint step), SIGKILL rank 1 in its "
+                                      "upload of that checkpoint, before its shard lands")
 
 
 @dataclass

@@ -74,6 +74,13 @@ def fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _step_of(line: bytes) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a torn or foreign line: not kept
+        return math.inf
+
+
 class MetricsLogger:
     """Rank 0 only. ``log`` writes local files; ``sync`` copies them to the run directory (a
     :class:`~pipeline.storage.Store`) at checkpoints and at the end, so a resumed run keeps its history."""
@@ -100,6 +107,18 @@ class MetricsLogger:
             if raw is not None:
                 with open(self.jsonl, "wb") as f:
                     f.write(raw)
+
+    def keep_until(self, step: int) -> None:
+        """A resumed attempt: drop the records after the checkpoint it resumed from (an attempt that
+        died after a metrics sync but before that save completed logged steps that are redone now)."""
+        if not os.path.exists(self.jsonl):
+            return
+        with open(self.jsonl, "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+        kept = [x for x in lines if _step_of(x) <= step]
+        if len(kept) != len(lines):
+            with open(self.jsonl, "wb") as f:
+                f.writelines(kept)
 
     def log(self, step: int, metrics: dict, line: str | None = None) -> None:
         rec = {"step": step, "time": time.time(), **metrics}

@@ -13,6 +13,8 @@ workers behind a ~2 s controller poll) and ``checkpoint``.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import json
 import math
 import os
@@ -21,6 +23,7 @@ import signal
 import tempfile
 import time
 import warnings
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -105,8 +108,13 @@ class Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.precision = plan["precision"]
-        # Small host-side agreements (checkpoint choice, manifests, report timing) on a CPU group.
+        # Small host-side agreements (checkpoint choice, report timing) on a CPU group.
         self.cpu_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
+        # The upload threads' own group: their one gather per save (the file lists, once every
+        # rank's upload is in storage) never meets a collective of the training thread.
+        self.upload_group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+                             if dist.get_world_size() > 1 else None)
+        self.storage = ctx.get_storage()  # where Ray Train persists checkpoints (its own filesystem)
         self.strategy = self._agree_strategy(ctx.get_local_world_size(), ctx.get_node_rank(), ctx.get_local_rank())
         self.model = build_model(cfg, self.device, self.strategy, self.precision, self.rank, self.world,
                                  ctx.get_local_world_size())
@@ -126,13 +134,16 @@ class Trainer:
         self.scratch = attempt_scratch()  # and the dead attempts' scratch on this node goes
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
         self.finalizer = None
+        self.ckpt_stall: float | None = None
+        self.saving: Future | None = None  # this rank's last save, whose upload may still be in flight
         self.peak_fl, self.peak_how = peak_flops(self.device, self.precision)
         self.vis = plan.get("vis")
         self.probe = {k: torch.from_numpy(np.asarray(v)) for k, v in plan["probe"].items()} if plan.get("probe") else None
         self.vis_every = cfg.train.vis_every or cfg.train.ckpt_every
         self.first_log_done = False
         self.last_report = time.monotonic()
-        self.hooks = [self._crash_once] if cfg.train.crash_at_step > 0 else []  # testing aid, off the hot path
+        self.hooks = ([self._crash_once] if cfg.train.crash_at_step > 0 and not cfg.train.crash_in_upload
+                      else [])  # testing aid, off the hot path
         self._reset_window()
 
     # ------------------------------------------------------------------ helpers
@@ -205,6 +216,8 @@ class Trainer:
             torch.manual_seed(masking_seed(self.cfg.train.seed, self.rank, 0))
             if self.cfg.model.init_from:
                 self._init_from(self.cfg.model.init_from)
+        if self.rank == 0:
+            self.logger.keep_until(self.step)  # the log continues from the checkpoint too
         # The data continues where the chosen checkpoint's images end, also when this is a
         # restarted worker group whose stream was built by the driver for an earlier position.
         if self.rank == 0:
@@ -293,6 +306,8 @@ class Trainer:
                  "throughput/device_decode_share": self.win["device_decode_s"] / max(elapsed, 1e-9)}
                 if self.cfg.data.decode == "gpu" else {}),
              "_eta_s": (self.total - self.step) * elapsed / steps}
+        if self.ckpt_stall is not None:  # the last save's time on the training path
+            m["time/checkpoint_stall_s"], self.ckpt_stall = self.ckpt_stall, None
         if not self.first_log_done:
             m["time/launch_to_first_log_s"] = time.time() - self.plan["t_launch"]
             self.first_log_done = True
@@ -343,19 +358,24 @@ class Trainer:
         due = time.monotonic() - self.last_report >= self.cfg.train.min_report_interval_s
         return bool(self._broadcast(due))
 
-    def report(self, m: dict, checkpoint=None, name: str | None = None) -> None:
+    def report(self, m: dict, checkpoint=None, name: str | None = None, upload_mode=None, upload_fn=None,
+               delete_local: bool = False) -> None:
         import ray.train
         public = {k: v for k, v in m.items() if not k.startswith("_")}
         if checkpoint is None:
             ray.train.report(public)
         else:
-            ray.train.report({**public, "checkpoint_step": self.step}, checkpoint=checkpoint, checkpoint_dir_name=name)
+            ray.train.report({**public, "checkpoint_step": self.step}, checkpoint=checkpoint, checkpoint_dir_name=name,
+                             checkpoint_upload_mode=upload_mode, checkpoint_upload_fn=upload_fn,
+                             delete_local_checkpoint_after_upload=delete_local)
         self.last_report = time.monotonic()
 
     def checkpoint(self, m: dict) -> None:
-        """Collective: shards written locally, manifests gathered on rank 0, uploaded by Ray's
-        report; after a barrier (every upload done) rank 0's finalizer marks it complete."""
+        """Collective: every rank writes its shard to the node's disk and hands it to Ray Train's
+        upload (in the background with ``train.async_checkpoint``); the loop goes on. Completion is
+        ``_upload``'s: rank 0 marks the checkpoint complete once every rank's upload is in."""
         import ray.train
+        from ray.train import CheckpointUploadMode
         name = ckpt.ckpt_name(self.step)
         local = tempfile.mkdtemp(prefix="mae-ckpt-", dir=self.scratch)
         t0 = time.perf_counter()
@@ -364,26 +384,57 @@ class Trainer:
                  "metrics": {k: v for k, v in m.items() if not k.startswith("_")}, "world_size": self.world,
                  "global_batch": self.global_batch, "accum_steps": self.accum, "strategy": self.strategy,
                  "time": time.time()}
-        files = ckpt.write_local(self.model, self.opt, local, rank=self.rank, train_state=state,
-                                 config_yaml=self.plan["config_yaml"])
+        entry = None
+        self.wait_saved()  # rank 0: the previous save is complete (marker, index, pruning) before this one starts
         if self.rank == 0:
-            self.finalizer.wait()  # the previous save is complete before any rank uploads this one
             # A directory of this name from an attempt that died after its marker is no longer
             # complete once new files start landing in it.
             self.run.rm([f"{name}/{ckpt.MARKER}"])
-        gathered = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(files, gathered, dst=0, group=self.cpu_group)
-        if self.rank == 0:
-            man = ckpt.write_manifest(local, gathered, self.world)
             self.logger.sync()  # before the marker: a complete checkpoint implies its metrics are stored
-        self.report(m, checkpoint=ray.train.Checkpoint.from_directory(local), name=name)
-        dist.barrier(group=self.cpu_group)  # every rank's upload has finished
+            entry = {"name": name, "step": self.step, "complete": True, "metrics": state["metrics"]}
+        self.saving = Future()
+        ckpt.write_local(self.model, self.opt, local, rank=self.rank, train_state=state,
+                         config_yaml=self.plan["config_yaml"])
+        background = self.cfg.train.async_checkpoint
+        self.report(m, checkpoint=ray.train.Checkpoint.from_directory(local), name=name,
+                    upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
+                    delete_local=True,
+                    upload_fn=functools.partial(self._upload, local=local, step=self.step, entry=entry,
+                                                 done=self.saving))
+        self.ckpt_stall = time.perf_counter() - t0
         if self.rank == 0:
-            self.finalizer.submit({"name": name, "step": self.step, "complete": True, "metrics": state["metrics"],
-                                   "bytes": man["total_bytes"], "time": time.time()})
-            print(f"[mae] checkpoint {name} uploaded ({man['total_bytes'] / 2**20:.1f} MiB, "
-                  f"{time.perf_counter() - t0:.1f}s on the training path)", flush=True)
-        shutil.rmtree(local, ignore_errors=True)
+            print(f"[mae] checkpoint {name} written, uploading{' in the background' if background else ''} "
+                  f"({self.ckpt_stall:.2f}s on the training path)", flush=True)
+
+    def _upload(self, checkpoint, dir_name: str, *, local: str, step: int, entry: dict | None, done: Future):
+        """Ray Train's upload of this rank's files (its upload thread with ``async_checkpoint``),
+        then: this rank's file list to rank 0, whose finalizer completes the checkpoint."""
+        try:
+            files = ckpt.file_manifest(local)  # hashed here, off the training path
+            t = self.cfg.train
+            if t.crash_in_upload and t.crash_at_step == step and not self.run.exists("crash_injected"):
+                self._kill_victim(f"uploading checkpoint {step}")  # testing aid: its shard never lands
+            persisted = self.storage.persist_current_checkpoint(checkpoint, dir_name)
+            gathered = [None] * self.world if self.rank == 0 else None
+            if self.upload_group is None:
+                gathered = [files]
+            else:  # returns on rank 0 once every rank's upload is in storage
+                dist.gather_object(files, gathered, dst=0, group=self.upload_group)
+            if self.rank == 0:
+                self.finalizer.complete(entry, gathered, self.world)
+        except BaseException as e:
+            if not done.done():
+                done.set_exception(e)
+            raise
+        done.set_result(None)
+        return persisted
+
+    def wait_saved(self) -> None:
+        """This rank's last upload is in storage (rank 0: the checkpoint is complete), or its error
+        is raised here. Every save has exactly one upload, in order (one upload thread per worker)."""
+        if self.saving is not None:
+            saving, self.saving = self.saving, None
+            saving.result()
 
     def picture(self) -> None:
         if not self.vis:
@@ -400,12 +451,18 @@ class Trainer:
             self.logger.put_file(path, "reconstruction_latest.png")
 
     def _crash_once(self) -> None:
-        """Testing aid: SIGKILL rank 1 once at ``train.crash_at_step``."""
-        if self.step != self.cfg.train.crash_at_step or self.rank != min(1, self.world - 1):
+        """Testing aid: SIGKILL rank 1 once at ``train.crash_at_step``, after the last save is complete
+        on every rank (so the restart point is known: that checkpoint)."""
+        if self.step != self.cfg.train.crash_at_step or self.run.exists("crash_injected"):
             return
-        if not self.run.exists("crash_injected"):
+        self.wait_saved()
+        dist.barrier(group=self.cpu_group)
+        self._kill_victim(f"at step {self.step}")
+
+    def _kill_victim(self, when: str) -> None:
+        if self.rank == min(1, self.world - 1):
             self.run.write("crash_injected", b"1")
-            print(f"[mae] testing aid: SIGKILL rank {self.rank} (pid {os.getpid()}) at step {self.step}", flush=True)
+            print(f"[mae] testing aid: SIGKILL rank {self.rank} (pid {os.getpid()}) {when}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ the loop
@@ -457,9 +514,9 @@ class Trainer:
         """End of the attempt: the last metrics go up (after a clean end only: a failing attempt must
         not hide its error behind a second one) and the scratch directory goes."""
         try:
+            if ok:
+                self.wait_saved()  # the upload reads the scratch dir; rank 0: the last checkpoint is complete
             if self.rank == 0 and ok:
-                if self.finalizer is not None:
-                    self.finalizer.wait()
                 self.logger.sync()
         finally:
             if self.logger is not None:
