@@ -9,7 +9,7 @@ Two Train workers (FSDP2 over gloo) on a local Ray pretrain ``--preset`` on the 
 (``time/checkpoint_stall_s``, measured by rank 0 from the start of the save to the loop going on)
 and the step time around it; from storage: that every checkpoint is complete and loads.
 
-    python bench/checkpoint_upload.py [--preset mae_vit_base_patch16] [--steps 7] [--every 2]
+    python bench/checkpoint_upload.py [--preset mae_vit_base_patch16] [--steps 9] [--every 4]
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="mae_vit_base_patch16")
-    ap.add_argument("--steps", type=int, default=7)
-    ap.add_argument("--every", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=9)
+    ap.add_argument("--every", type=int, default=4)
     a = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1 only
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -74,7 +74,7 @@ def main() -> None:
             stalls = [r["time/checkpoint_stall_s"] for r in m if "time/checkpoint_stall_s" in r]
             # a step without a save: the images/s of log windows that held no save
             plain = [r["throughput/images_per_s"] for r in m[1:] if "time/checkpoint_stall_s" not in r
-                     and r["step"] % a.every]
+                     and r["step"] % a.every and r["step"] != a.steps]
             latest = ckpt.latest_complete(run)
             man = json.loads(read_bytes(f"{latest['uri']}/manifest.json"))
             assert latest["step"] == a.steps and man["world_size"] == 2

@@ -35,9 +35,7 @@ import random
 import re
 import time
 
-import numpy as np
-import torch
-
+from jobs.core.common import say
 from pipeline.storage import URI, StorageError, Store, fsspec_options
 
 MARKER = "COMPLETE"
@@ -131,6 +129,8 @@ def read_train_state(ckpt_uri: str | URI | Store) -> dict:
 # ---------------------------------------------------------------------------- save
 def rng_state() -> dict:
     """This process's RNG streams as tensors and plain numbers (loadable with weights_only=True)."""
+    import numpy as np
+    import torch
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, pstate, pgauss = random.getstate()
     s = {"torch": torch.get_rng_state(),
@@ -142,6 +142,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict) -> None:
+    import numpy as np
+    import torch
     torch.set_rng_state(s["torch"])
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -154,6 +156,7 @@ def set_rng_state(s: dict) -> None:
 def write_local(model, optimizer, local_dir: str, *, rank: int, train_state: dict, config_yaml: str) -> None:
     """Collective: every rank writes its DCP shard and RNG state into ``local_dir`` (rank 0 also
     the train state and config). Hashing and upload come after, off the training path."""
+    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -193,7 +196,7 @@ class Finalizer:
     checkpoint that falls out (normally one) its marker removed, a ``PRUNED`` note, one listing of
     that directory and one bulk delete."""
 
-    def __init__(self, run: Store, keep_last: int, best_metric: str, log=print):
+    def __init__(self, run: Store, keep_last: int, best_metric: str, log=say):
         self.run, self.keep_last, self.best_metric, self.log = run, keep_last, best_metric, log
         index = read_index(run)
         if index is None:  # a run of an earlier version, or none yet: rebuild from one listing
@@ -277,6 +280,7 @@ def load_into(model, optimizer, ckpt: Store, *, rank: int, load_optimizer: bool 
               restore_rng: bool = True) -> bool:
     """Collective: load (and reshard) model and optimizer state from storage; restore this rank's
     RNG when asked and the checkpoint has it. Returns whether the RNG was restored."""
+    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

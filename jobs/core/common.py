@@ -17,6 +17,13 @@ class RunFailed(RuntimeError):
     """A run that started and failed (after its retries): printed as one line, exit status 1."""
 
 
+def say(line: str) -> None:
+    """One line to stdout, at once. Not ``print``: in a Ray Train V2 worker ``print`` is patched to
+    go to Train's logger *and* to Ray's captured stdout, and every line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def failure_line(e: BaseException) -> str:
     """One line for what Ray Train V2's ``fit()`` raised: the failing worker's own error (rank
     and exception type, first line), not the whole chain of tracebacks."""

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from jobs.core.common import say
 from pipeline.storage import Store
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; anything else is measured, never invented.
@@ -130,7 +131,7 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
         if line:
-            print(line, flush=True)
+            say(line)
 
     def sync(self) -> None:
         if self._same_place():

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.core import checkpoint as ckpt
-from jobs.core.common import attempt_scratch
+from jobs.core.common import attempt_scratch, say
 from jobs.core.config import PretrainConfig
 from jobs.core.metrics import MetricsLogger, fmt_eta, local_state_mb, peak_flops, peak_memory_mb
 from jobs.core.optim import build_optimizer, guarded_step, lr_at
@@ -166,7 +166,7 @@ class Trainer:
                           "scaling.placement_strategy=STRICT_PACK per node group, or scaling.strategy=fsdp"}
             else:
                 choice = {"name": name, "why": why}
-                print(f"[mae] strategy {name}: {why}", flush=True)
+                say(f"[mae] strategy {name}: {why}")
         choice = self._broadcast(choice)
         if "error" in choice:
             raise ValueError(choice["error"])
@@ -186,7 +186,7 @@ class Trainer:
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
-            print(msg, flush=True)
+            say(msg)
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> None:
@@ -326,7 +326,7 @@ class Trainer:
                "(train.precision=fp32); resume restarts from the last good checkpoint")
         if self.rank == 0:
             self.run.write("FAILED.json", json.dumps({"error": msg, "step": self.step}).encode())
-            print(f"[mae] {msg}", flush=True)
+            say(f"[mae] {msg}")
         import ray.train
         # The objective is reported as worthless (0), so that a Tune scheduler counts the diverged
         # trial instead of rejecting a result without its metric.
@@ -403,8 +403,8 @@ class Trainer:
                                                  done=self.saving))
         self.ckpt_stall = time.perf_counter() - t0
         if self.rank == 0:
-            print(f"[mae] checkpoint {name} written, uploading{' in the background' if background else ''} "
-                  f"({self.ckpt_stall:.2f}s on the training path)", flush=True)
+            say(f"[mae] checkpoint {name} written, uploading{' in the background' if background else ''} "
+                  f"({self.ckpt_stall:.2f}s on the training path)")
 
     def _upload(self, checkpoint, dir_name: str, *, local: str, step: int, entry: dict | None, done: Future):
         """Ray Train's upload of this rank's files (its upload thread with ``async_checkpoint``),
@@ -462,7 +462,7 @@ class Trainer:
     def _kill_victim(self, when: str) -> None:
         if self.rank == min(1, self.world - 1):
             self.run.write("crash_injected", b"1")
-            print(f"[mae] testing aid: SIGKILL rank {self.rank} (pid {os.getpid()}) {when}", flush=True)
+            say(f"[mae] testing aid: SIGKILL rank {self.rank} (pid {os.getpid()}) {when}")
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ the loop
