@@ -358,8 +358,7 @@ class Trainer:
         due = time.monotonic() - self.last_report >= self.cfg.train.min_report_interval_s
         return bool(self._broadcast(due))
 
-    def report(self, m: dict, checkpoint=None, name: str | None = None, upload_mode=None, upload_fn=None,
-               delete_local: bool = False) -> None:
+    def report(self, m: dict, checkpoint=None, name: str | None = None, upload_mode=None, upload_fn=None) -> None:
         import ray.train
         public = {k: v for k, v in m.items() if not k.startswith("_")}
         if checkpoint is None:
@@ -367,7 +366,7 @@ class Trainer:
         else:
             ray.train.report({**public, "checkpoint_step": self.step}, checkpoint=checkpoint, checkpoint_dir_name=name,
                              checkpoint_upload_mode=upload_mode, checkpoint_upload_fn=upload_fn,
-                             delete_local_checkpoint_after_upload=delete_local)
+                             delete_local_checkpoint_after_upload=False)  # upload_fn removes it
         self.last_report = time.monotonic()
 
     def checkpoint(self, m: dict) -> None:
@@ -398,7 +397,6 @@ class Trainer:
         background = self.cfg.train.async_checkpoint
         self.report(m, checkpoint=ray.train.Checkpoint.from_directory(local), name=name,
                     upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
-                    delete_local=True,
                     upload_fn=functools.partial(self._upload, local=local, step=self.step, entry=entry,
                                                  done=self.saving))
         self.ckpt_stall = time.perf_counter() - t0
@@ -415,6 +413,9 @@ class Trainer:
             if t.crash_in_upload and t.crash_at_step == step and not self.run.exists("crash_injected"):
                 self._kill_victim(f"uploading checkpoint {step}")  # testing aid: its shard never lands
             persisted = self.storage.persist_current_checkpoint(checkpoint, dir_name)
+            # removed here, not by Ray after this returns: the end of the attempt (which waits for
+            # ``done``) removes the whole scratch directory, and the two deletes raced
+            shutil.rmtree(local, ignore_errors=True)
             gathered = [None] * self.world if self.rank == 0 else None
             if self.upload_group is None:
                 gathered = [files]
