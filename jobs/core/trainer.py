@@ -135,7 +135,8 @@ class Trainer:
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
         self.finalizer = None
         self.ckpt_stall: float | None = None
-        self.saving: Future | None = None  # this rank's last save, whose upload may still be in flight
+        self.saving: Future | None = None
+        self.aborted = False  # the attempt ended while an upload was in flight  # this rank's last save, whose upload may still be in flight
         self.peak_fl, self.peak_how = peak_flops(self.device, self.precision)
         self.vis = plan.get("vis")
         self.probe = {k: torch.from_numpy(np.asarray(v)) for k, v in plan["probe"].items()} if plan.get("probe") else None
@@ -354,8 +355,11 @@ class Trainer:
             f"mfu {100 * m['mfu']:.1f}% ({self.peak_how}) mem {m['memory/peak_mb']:.0f}MB eta {fmt_eta(m['_eta_s'])}"))
 
     def report_due(self) -> bool:
-        """Rank 0's clock decides for all ranks whether a metrics-only report is due."""
-        due = time.monotonic() - self.last_report >= self.cfg.train.min_report_interval_s
+        """Rank 0 decides for all ranks whether a metrics-only report is due: by its clock, and not
+        while a checkpoint is still uploading (Ray queues a worker's reports in order, so a report
+        made then would hold the loop until the upload is in)."""
+        due = (time.monotonic() - self.last_report >= self.cfg.train.min_report_interval_s
+               and (self.saving is None or self.saving.done()))
         return bool(self._broadcast(due))
 
     def report(self, m: dict, checkpoint=None, name: str | None = None, upload_mode=None, upload_fn=None) -> None:
@@ -390,7 +394,8 @@ class Trainer:
             # complete once new files start landing in it.
             self.run.rm([f"{name}/{ckpt.MARKER}"])
             self.logger.sync()  # before the marker: a complete checkpoint implies its metrics are stored
-            entry = {"name": name, "step": self.step, "complete": True, "metrics": state["metrics"]}
+            entry = {"name": name, "step": self.step, "complete": True, "metrics": state["metrics"],
+                     "time": state["time"]}
         self.saving = Future()
         ckpt.write_local(self.model, self.opt, local, rank=self.rank, train_state=state,
                          config_yaml=self.plan["config_yaml"])
@@ -406,29 +411,50 @@ class Trainer:
 
     def _upload(self, checkpoint, dir_name: str, *, local: str, step: int, entry: dict | None, done: Future):
         """Ray Train's upload of this rank's files (its upload thread with ``async_checkpoint``),
-        then: this rank's file list to rank 0, whose finalizer completes the checkpoint."""
+        then: this rank's file list to rank 0, whose finalizer completes the checkpoint.
+
+        Runs exactly once per save on every rank (the gather below must pair up across ranks), so
+        nothing raised here may look retryable to Ray's own retry of a checkpoint upload: transient
+        storage errors are retried here, before the gather."""
         try:
             files = ckpt.file_manifest(local)  # hashed here, off the training path
             t = self.cfg.train
             if t.crash_in_upload and t.crash_at_step == step and not self.run.exists("crash_injected"):
                 self._kill_victim(f"uploading checkpoint {step}")  # testing aid: its shard never lands
-            persisted = self.storage.persist_current_checkpoint(checkpoint, dir_name)
+            persisted = self._persist(checkpoint, dir_name)
             # removed here, not by Ray after this returns: the end of the attempt (which waits for
             # ``done``) removes the whole scratch directory, and the two deletes raced
             shutil.rmtree(local, ignore_errors=True)
             gathered = [None] * self.world if self.rank == 0 else None
             if self.upload_group is None:
-                gathered = [files]
+                gathered = [(step, files)]
             else:  # returns on rank 0 once every rank's upload is in storage
-                dist.gather_object(files, gathered, dst=0, group=self.upload_group)
+                dist.gather_object((step, files), gathered, dst=0, group=self.upload_group)
             if self.rank == 0:
-                self.finalizer.complete(entry, gathered, self.world)
+                steps = {s for s, _ in gathered}
+                if steps != {step}:  # never a marker over another save's files
+                    raise RuntimeError(f"checkpoint {dir_name}: the ranks' uploads are of steps {sorted(steps)}")
+                self.finalizer.complete(entry, [f for _, f in gathered], self.world)
         except BaseException as e:
             if not done.done():
                 done.set_exception(e)
             raise
-        done.set_result(None)
+        if not done.done():
+            done.set_result(None)
         return persisted
+
+    def _persist(self, checkpoint, dir_name: str, tries: int = 3):
+        """This rank's files into the run directory (Ray's copy), transient errors retried with
+        backoff; a final failure is raised as an error Ray will not retry (see ``_upload``)."""
+        for i in range(tries):
+            try:
+                return self.storage.persist_current_checkpoint(checkpoint, dir_name)
+            except Exception as e:  # noqa: BLE001 - re-raised below, once the tries are spent
+                if i == tries - 1 or self.aborted:
+                    raise RuntimeError(f"checkpoint {dir_name}: the upload of rank {self.rank}'s shard failed "
+                                       f"{i + 1} times ({type(e).__name__}); the run resumes from the last "
+                                       "complete checkpoint") from None
+                time.sleep(2 ** i)
 
     def wait_saved(self) -> None:
         """This rank's last upload is in storage (rank 0: the checkpoint is complete), or its error
@@ -522,5 +548,10 @@ class Trainer:
         finally:
             if self.logger is not None:
                 self.logger.close()
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            if self.saving is None or self.saving.done():
+                shutil.rmtree(self.scratch, ignore_errors=True)
+            else:
+                # An upload still copies from here: deleting under it could land part of a shard
+                # (and a marker over it). Left to the next attempt's cleanup of dead owners' dirs.
+                self.aborted = True
 
