@@ -407,7 +407,7 @@ class Trainer:
         self.ckpt_stall = time.perf_counter() - t0
         if self.rank == 0:
             say(f"[mae] checkpoint {name} written, uploading{' in the background' if background else ''} "
-                  f"({self.ckpt_stall:.2f}s on the training path)")
+                f"({self.ckpt_stall:.2f}s on the training path)")
 
     def _upload(self, checkpoint, dir_name: str, *, local: str, step: int, entry: dict | None, done: Future):
         """Ray Train's upload of this rank's files (its upload thread with ``async_checkpoint``),
@@ -438,6 +438,8 @@ class Trainer:
         except BaseException as e:
             if not done.done():
                 done.set_exception(e)
+            if "AWS Error" in str(e):  # Ray's retry matches these: it must never run this twice
+                raise RuntimeError(f"checkpoint {dir_name}: rank {self.rank}'s upload failed ({type(e).__name__})") from e
             raise
         if not done.done():
             done.set_result(None)
@@ -453,7 +455,7 @@ class Trainer:
                 if i == tries - 1 or self.aborted:
                     raise RuntimeError(f"checkpoint {dir_name}: the upload of rank {self.rank}'s shard failed "
                                        f"{i + 1} times ({type(e).__name__}); the run resumes from the last "
-                                       "complete checkpoint") from None
+                                       "complete checkpoint") from e
                 time.sleep(2 ** i)
 
     def wait_saved(self) -> None:
