@@ -32,15 +32,14 @@ def write_checkpoint(model, opt, run_uri: str, step: int, loss: float, tmp) -> s
                           "train": {"best_metric": "loss"}})
     ckpt.write_local(model, opt, str(local), rank=0, config_yaml=cfg,
                      train_state={"step": step, "metrics": {"loss": loss}, "time": time.time()})
-    man = ckpt.write_manifest(str(local), [ckpt.file_manifest(str(local))], 1)
     name = ckpt.ckpt_name(step)
     uri = str(parse_uri(run_uri).join(name))
     fs, p = fsspec_fs(uri)
     fs.put(str(local) + "/", p, recursive=True)
     run = Store(run_uri)
     fin = ckpt.Finalizer(run, keep_last=10, best_metric="loss")
-    fin.finalize({"name": name, "step": step, "complete": True, "metrics": {"loss": loss},
-                  "bytes": man["total_bytes"], "time": time.time()})
+    fin.complete({"name": name, "step": step, "complete": True, "metrics": {"loss": loss}, "time": time.time()},
+                 [ckpt.file_manifest(str(local))], 1)
     return uri
 
 

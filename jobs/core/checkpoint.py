@@ -179,14 +179,6 @@ def build_manifest(files_per_rank: list[dict], world_size: int) -> dict:
             "world_size": world_size, "created": time.time()}
 
 
-def write_manifest(local_dir: str, files_per_rank: list[dict], world_size: int) -> dict:
-    """``manifest.json`` into a local checkpoint directory (before its upload)."""
-    manifest = build_manifest(files_per_rank, world_size)
-    with open(os.path.join(local_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    return manifest
-
-
 class Finalizer:
     """Rank 0: marks uploaded checkpoints complete, keeps the index and prunes. Called by rank 0's
     upload thread once every rank's upload is in storage (``complete``), one save at a time.

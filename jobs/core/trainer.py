@@ -135,8 +135,8 @@ class Trainer:
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
         self.finalizer = None
         self.ckpt_stall: float | None = None
-        self.saving: Future | None = None
-        self.aborted = False  # the attempt ended while an upload was in flight  # this rank's last save, whose upload may still be in flight
+        self.saving: Future | None = None  # this rank's last save, whose upload may still be in flight
+        self.aborted = False  # the attempt ended while an upload was in flight
         self.peak_fl, self.peak_how = peak_flops(self.device, self.precision)
         self.vis = plan.get("vis")
         self.probe = {k: torch.from_numpy(np.asarray(v)) for k, v in plan["probe"].items()} if plan.get("probe") else None
