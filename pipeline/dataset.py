@@ -21,7 +21,7 @@ import numpy as np
 from .decode import DEFAULT_MAX_PIXELS, SkipImage
 from .sources import SourceInfo, label_of, relative_key, resolve
 from .storage import StorageError, parse_uri, pyarrow_fs, storage_errors, with_retries
-from .transforms import TransformConfig, transform_image
+from .crops import TransformConfig, crop_plan
 
 STATS_ACTOR = "mae_pipeline_stats"
 
@@ -183,8 +183,9 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
     skipped: dict[str, list[str]] = {}
     root_uri = parse_uri(root) if root else None
     plan = mode == "gpu"
+    if not plan:  # here, not at the top: the actors that unpickle this module never import torch
+        from .transforms import transform_image
     if plan:  # the device decodes: ship the bytes, the crop box and the flip (the same draws)
-        from .gpu_decode import crop_plan
         out = np.empty(len(images), object)
         boxes, flips = np.zeros((len(images), 4), np.float32), np.zeros(len(images), bool)
     for i, (data, key) in enumerate(zip(images, keys)):

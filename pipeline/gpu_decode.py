@@ -21,21 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import SkipImage, decode, displayed_size, open_image
-from .transforms import TransformConfig, center_crop_box, random_resized_crop_params
+from .crops import crop_plan  # noqa: F401 (the task-side half, re-exported)
+from .decode import SkipImage, decode
 
 JPEG_MAGIC = b"\xff\xd8"
-
-
-def crop_plan(data: bytes, cfg: TransformConfig, rng: np.random.Generator) -> tuple[tuple[float, float, float, float], bool]:
-    """Header only -> (box (l, t, r, b) in displayed pixels, flip), drawn exactly as
-    :func:`pipeline.transforms.transform_image` draws them. Raises SkipImage."""
-    W, H = displayed_size(open_image(data, cfg.max_pixels))
-    if cfg.train:
-        l, t, w, h = random_resized_crop_params(W, H, rng, cfg.scale, cfg.ratio)
-        box = (l, t, l + w, t + h)
-        return box, bool(rng.random() < cfg.hflip)
-    return center_crop_box(W, H, cfg.img_size, cfg.crop_pct), False
 
 
 def _decode_all(images: list[bytes], device: torch.device) -> list[torch.Tensor | None]:

@@ -11,65 +11,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decode import DEFAULT_MAX_PIXELS, SkipImage, decode, displayed_size, open_image
+from .crops import TransformConfig, center_crop_box, random_resized_crop_params  # noqa: F401 (re-exported)
+from .decode import SkipImage, decode, displayed_size, open_image
 from .patchify import patchify_chw
 
 # The crop is read, never written: torch's warning about the read-only numpy view is noise.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
-@dataclass(frozen=True)
-class TransformConfig:
-    img_size: int = 224
-    patch_size: int = 16
-    train: bool = True
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then center-crop
-    # Decode at reduced size only while the crop keeps >= this many source pixels per output
-    # pixel (a DCT downscale to >= the output size is close to a full decode + resize).
-    reduced_decode: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-
-def random_resized_crop_params(width: int, height: int, rng: np.random.Generator,
-                               scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, with a numpy Generator. -> (left, top, w, h)"""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    # Fallback to a central crop at the clamped ratio (as torchvision).
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def center_crop_box(width: int, height: int, img_size: int, crop_pct: float) -> tuple[float, float, float, float]:
-    """Box (l, t, r, b) in source pixels that resize-short-side + center-crop would keep."""
-    short = min(width, height)
-    side = short * crop_pct  # the crop covers crop_pct of the short side
-    return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
 
 
 def _box_decode(data: bytes, box_fn, out: int, cfg: TransformConfig) -> np.ndarray:

@@ -27,6 +27,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")  # Ray Train's own Prometheus gauges: not read here
+# Keep idle worker processes (default: any above the node's CPU count are killed after 1 s idle):
+# a decode task's worker has imported torch (~4 CPU-s); without this every run pays it again.
+os.environ.setdefault("RAY_num_workers_soft_limit", "10")
 
 
 @pytest.fixture(scope="session")
