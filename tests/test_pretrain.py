@@ -120,6 +120,11 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in saved
     # the workers' scratch directories went with the attempt
     assert scratch_dirs() <= tiny["scratch_before"]
+    # and the run's pipeline counters actor with the run (a driver running many fits kept one per run)
+    from pipeline.dataset import _actor_name
+    from pipeline.storage import Store
+    from ray.util.state import list_actors
+    assert not list_actors(filters=[("name", "=", _actor_name(str(Store(run)))), ("state", "=", "ALIVE")])
 
 
 def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, bucket):

@@ -160,10 +160,28 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
     deadline = time.time() + 400
     while time.time() < deadline and not finished_trials() and p.poll() is None:
         time.sleep(2)
+    def recorded_finished():  # trials the driver's experiment state on storage has as TERMINATED
+        n = 0
+        for path, _ in list_files(f"{storage}/resumable"):
+            if path.rsplit("/", 1)[-1].startswith("experiment_state") and path.endswith(".json"):
+                state = json.loads(read_bytes(f"s3://{path}"))
+                n = max(n, sum(json.loads(t[0]).get("status") == "TERMINATED" for t in state["trial_data"]))
+        return n
+
     first = finished_trials()
     assert len(first) == 1, p.stdout.read().decode()[-3000:] if p.poll() is not None else "no trial finished"
-    time.sleep(5)  # the driver records the finished trial (or, if killed first, Tune relaunches it and
-    # the relaunched run finds its final checkpoint and trains no further)
+    # kill only once the driver's experiment state on storage has the trial as finished (Tune saves
+    # it every ~10 s): killed before, the restarted driver relaunches it (a whole run, ~40 s here,
+    # that finds its final checkpoint and only reports); after, it runs only the rest
+    deadline = time.time() + 60
+    while time.time() < deadline and not recorded_finished() and p.poll() is None:
+        time.sleep(1)
+    assert recorded_finished() == 1
+    from pipeline.storage import fsspec_fs
+    fs, _ = fsspec_fs(storage)
+    def launched_at(t):  # every launch of a trial's run writes its config.yaml
+        return fs.info(f"{storage[5:]}/resumable/trials/{t}/config.yaml")["LastModified"]
+    first_launch = launched_at(first[0])
     os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
     p.wait()
     time.sleep(3)
@@ -173,6 +191,8 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
     assert "resuming" in out
     done = finished_trials()
     assert len(done) == 2 and set(first) <= set(done), (first, done)
+    fs.invalidate_cache()
+    assert launched_at(first[0]) == first_launch  # the finished trial was not launched again
     # the finished trial was not rerun: one history of 2 reports and one final checkpoint
     for t in first:
         logged = [json.loads(x)["step"] for x in

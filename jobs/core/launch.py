@@ -183,7 +183,7 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
 
     from jobs.core.common import check_data_cpus
     from jobs.core.worker import train_loop_per_worker
-    from pipeline.dataset import stats_actor
+    from pipeline.dataset import release_stats_actor, stats_actor
 
     t_launch = t_launch or time.time()
     if check_cpus:  # off in a Tune trial: `mae tune` checked that a whole trial fits
@@ -239,6 +239,8 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
         result = trainer.fit()  # Train V2 raises when the run fails after its retries
     except ray.train.TrainingFailedError as e:
         raise RunFailed(failure_line(e)) from None
+    finally:
+        release_stats_actor(str(run))
     return result, plan
 
 
