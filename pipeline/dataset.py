@@ -149,7 +149,10 @@ def release_stats_actor(run_id: str = "") -> None:
     import ray
     handle = _STATS.pop((ray.get_runtime_context().get_job_id(), _actor_name(run_id)), None)
     if handle is not None:
-        ray.kill(handle)  # decode tasks still finishing record fire-and-forget: nothing waits on it
+        try:
+            ray.kill(handle)  # decode tasks still finishing record fire-and-forget: nothing waits on it
+        except Exception:  # noqa: BLE001 - Ray already gone: the actor went with it; never mask a run's error
+            pass
 
 
 def _resume_at(stats, run_id: str, start: tuple[int, int]) -> tuple[int, int]:
