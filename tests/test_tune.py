@@ -138,7 +138,7 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
 
     from jobs.core.checkpoint import list_checkpoints
     from jobs.tune import OBJECTIVE
-    from pipeline.storage import list_files, read_bytes
+    from pipeline.storage import fsspec_fs, list_files, read_bytes
     storage = f"s3://{bucket}/tune-restore"
     steps = 8
     # grace = the whole budget: ASHA cuts nothing here, so every trial must end with its final checkpoint
@@ -177,10 +177,9 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
     while time.time() < deadline and not recorded_finished() and p.poll() is None:
         time.sleep(1)
     assert recorded_finished() == 1
-    from pipeline.storage import fsspec_fs
-    fs, _ = fsspec_fs(storage)
+    fs, root = fsspec_fs(storage)
     def launched_at(t):  # every launch of a trial's run writes its config.yaml
-        return fs.info(f"{storage[5:]}/resumable/trials/{t}/config.yaml")["LastModified"]
+        return fs.info(f"{root}/resumable/trials/{t}/config.yaml")["LastModified"]
     first_launch = launched_at(first[0])
     os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
     p.wait()
