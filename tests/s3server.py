@@ -19,10 +19,20 @@ ACCESS_KEY = "maetestaccesskey"
 SECRET_KEY = "maetestsecretkey0123456789"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now and never handed out before by this process: the kernel can
+    give a port closed a moment ago to the next bind(0), and a command line with several ports
+    (`ray start --head`: eight of them) must not get one twice before anything listens on it."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _weed() -> str:

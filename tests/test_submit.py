@@ -26,6 +26,15 @@ def head(s3):
     h.stop()
 
 
+def test_ports_given_to_a_head_are_never_the_same_twice():
+    """`ray start --head` gets eight explicit ports; the kernel may give bind(0) a port it gave a
+    moment before, and a head once failed to start here on a port listed twice (Ray: "port ...
+    used by other components")."""
+    from s3server import free_port
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+
+
 def mae(*args, token=None, home=None, timeout=600):
     """Run the `mae` CLI as a user would; -> CompletedProcess (stdout, stderr, returncode)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
