@@ -96,14 +96,15 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     base = load(None, [*BASE, "scaling.num_workers=1", f"train.batch_size={BATCH * WORKERS}", "train.knn_eval=true",
                        f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
     # A learning-rate search, objective the loss (the trials share the mask ratio). Grid in order,
-    # one trial at a time: a sane learning rate, then a huge one (5.0: the loss stays finite but
-    # ends ~10^4 times the sane one's, so ASHA cuts it at its first rung whatever the images drawn;
-    # the k-NN after 4 steps was a coin toss between the two: CI saw them tie), then an absurd one
-    # (1000: the loss turns non-finite and the guard ends the trial). Bad trials come last so that
-    # ASHA has the sane result at its rung.
-    space = {"model.overrides.mask_ratio": [0.75], "optim.lr": [0.005, 5.0, 1000.0]}
+    # two trials at a time: a sane learning rate beside an absurd one (1000: the loss turns
+    # non-finite at the first report and the guard ends the trial: its NaN is no rival at the
+    # rung), then, in the absurd one's place, a huge one (5.0: the loss stays finite but ends
+    # ~10^4 times the sane one's, so ASHA cuts it at its first rung whatever the images drawn; the
+    # k-NN after 4 steps was a coin toss between the two: CI saw them tie). The huge trial starts
+    # when the absurd one ends, a whole trial start (~20 s here) after the sane one reached that rung.
+    space = {"model.overrides.mask_ratio": [0.75], "optim.lr": [0.005, 1000.0, 5.0]}
     grid, rows, tune_dir = run_tune(base, space, name="search", storage=f"s3://{bucket}/tune",
-                                    max_concurrent_trials=1, restore=False, objective="loss")
+                                    max_concurrent_trials=2, restore=False, objective="loss")
     print(json.dumps(rows, indent=1))
     assert len(rows) == 3
     by_lr = {r["optim.lr"]: r for r in rows}
@@ -130,7 +131,7 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     assert best_cfg["optim"]["lr"] == best.config["params"]["optim.lr"]
 
 
-def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster):
+def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster, tmp_path):
     """`mae tune --search optuna` (model-based TPE over the same objective) whose driver is killed
     after its first trial: started again, it resumes the search (Optuna's state included), keeps the
     finished trial as it was and runs only the rest."""
@@ -146,7 +147,9 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
             f"run.storage_path={storage}", "--search", "optuna", "--num-samples", "2",
             "--space", "model.overrides.mask_ratio=0.5,0.75,0.9", "--space", "model.overrides.decoder_depth=1,2",
             "--name", "resumable", "--max-concurrent", "1", "--grace-images", str(steps * BATCH * WORKERS)]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # Tune saves its experiment state every 10 s by default; every second here, so that the kill
+    # below comes as soon as the first trial is on record (the driver starts the next one meanwhile)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 
     def finished_trials():
         try:
@@ -155,8 +158,8 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
             return []
         return sorted({p.split("/trials/")[1].split("/")[0] for p, _ in files if p.endswith("/COMPLETE")})
 
-    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+    log = open(tmp_path / "driver1.log", "wb")  # a file, not a pipe nobody drains until the end
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and not finished_trials() and p.poll() is None:
         time.sleep(2)
@@ -169,10 +172,10 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
         return n
 
     first = finished_trials()
-    assert len(first) == 1, p.stdout.read().decode()[-3000:] if p.poll() is not None else "no trial finished"
-    # kill only once the driver's experiment state on storage has the trial as finished (Tune saves
-    # it every ~10 s): killed before, the restarted driver relaunches it (a whole run, ~40 s here,
-    # that finds its final checkpoint and only reports); after, it runs only the rest
+    assert len(first) == 1, (tmp_path / "driver1.log").read_text()[-3000:]
+    # kill only once the driver's experiment state on storage has the trial as finished: killed
+    # before, the restarted driver relaunches it (a whole run, ~40 s here, that finds its final
+    # checkpoint and only reports); after, it runs only the rest
     deadline = time.time() + 60
     while time.time() < deadline and not recorded_finished() and p.poll() is None:
         time.sleep(1)
@@ -183,6 +186,7 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
     first_launch = launched_at(first[0])
     os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
     p.wait()
+    log.close()
     time.sleep(3)
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
