@@ -57,6 +57,8 @@ class S3Server:
                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filerg']}",
                f"-admin.port={p['admin']}", f"-admin.port.grpc={p['adming']}",
                f"-metricsPort={p['metrics']}",
+               # (the Iceberg and Lance catalog listeners would take fixed ports 8181 and 9101)
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
                "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
                "-master.volumeSizeLimitMB=64"]
         self.log = open(os.path.join(self.dir, "weed.log"), "wb")

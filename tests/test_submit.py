@@ -35,6 +35,17 @@ def test_ports_given_to_a_head_are_never_the_same_twice():
     assert len(set(ports)) == len(ports)
 
 
+def test_the_s3_server_listens_only_on_the_ports_the_tests_chose(s3):
+    """SeaweedFS's Iceberg and Lance catalogs listened on fixed ports (8181, 9101): a second server
+    on the machine (a parallel test worker, another checkout's suite) failed to start."""
+    import psutil
+    from s3server import _handed_out
+    conns = psutil.Process(s3.proc.pid).net_connections("inet")
+    listening = {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    assert listening and {ip for ip, _ in listening} == {"127.0.0.1"}
+    assert {port for _, port in listening} <= _handed_out, sorted(listening)
+
+
 def mae(*args, token=None, home=None, timeout=600):
     """Run the `mae` CLI as a user would; -> CompletedProcess (stdout, stderr, returncode)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
