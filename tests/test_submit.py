@@ -37,7 +37,7 @@ def test_ports_given_to_a_head_are_never_the_same_twice():
 
 def test_the_s3_server_listens_only_on_the_ports_the_tests_chose(s3):
     """SeaweedFS's Iceberg and Lance catalogs listened on fixed ports (8181, 9101): a second server
-    on the machine (a parallel test worker, another checkout's suite) failed to start."""
+    on the machine (another checkout's suite, a second pytest worker) failed to start."""
     import psutil
     from s3server import _handed_out
     conns = psutil.Process(s3.proc.pid).net_connections("inet")
