@@ -319,3 +319,41 @@ def test_a_resumed_attempt_drops_the_log_records_after_its_checkpoint(bucket, tm
     second.close()
     steps = [json.loads(x)["step"] for x in run.read("metrics.jsonl").decode().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_a_scratch_dir_whose_removal_was_cut_short_is_removed_by_the_next_attempt():
+    """Ray tears a failed worker group down with SIGKILL, also while an attempt removes its
+    scratch directory: the owner file can be gone with the directory still there. The next
+    attempt on the node removes it (and a dead owner's), and never a live attempt's."""
+    import shutil
+    import signal
+    import tempfile
+
+    import psutil
+
+    from jobs.core.common import SCRATCH_PREFIX, attempt_scratch
+    tmp = tempfile.gettempdir()
+    cut_short = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)  # the owner file went first, then the kill
+    os.makedirs(os.path.join(cut_short, "mae-ckpt-x"))
+    live, dead = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    own = {}
+    for p in (live, dead):
+        own[p] = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+        with open(os.path.join(own[p], "owner"), "w") as f:
+            f.write(f"{p.pid} {psutil.Process(p.pid).create_time()!r}")
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    mine = None
+    try:
+        mine = attempt_scratch()
+        assert not os.path.exists(cut_short) and not os.path.exists(own[dead])
+        assert os.path.isdir(own[live])
+        assert os.path.basename(mine).startswith(SCRATCH_PREFIX) and os.path.dirname(mine) == tmp
+        with open(os.path.join(mine, "owner")) as f:  # a scratch dir has its owner from the start
+            assert f.read().split()[0] == str(os.getpid())
+    finally:
+        live.kill()
+        live.wait()
+        for d in (cut_short, own[live], own[dead], mine):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)

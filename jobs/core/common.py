@@ -132,10 +132,12 @@ def check_data_cpus(need_trainers: float, need_data: float, *, what: str) -> Non
 
 
 SCRATCH_PREFIX = "mae-run-"
+_SCRATCH_STAGING = "mae-new-"  # a scratch dir before its owner file is in; never scanned as one
+_STAGING_GRACE_S = 600.0
 
 
 def _owner_alive(path: str) -> bool | None:
-    """True / False for a scratch directory's owning process; None when it names no owner (yet)."""
+    """True / False for a scratch directory's owning process; None when it names no owner."""
     try:
         with open(os.path.join(path, "owner")) as f:
             pid, started = f.read().split()
@@ -152,19 +154,34 @@ def attempt_scratch() -> str:
     """A scratch directory for this process (one training attempt) in the node's temp dir.
 
     An attempt normally removes its own at the end; one that is SIGKILLed (a crashed worker, a
-    trial cut by a scheduler, the OOM killer) cannot, and its directory holds the local copy of the
-    checkpoint it was staging: on a node that runs attempt after attempt for weeks that fills the
-    disk. So each new attempt first removes the directories whose owner process is gone."""
+    trial cut by a scheduler, the OOM killer, Ray tearing down a failed worker group while the
+    attempt removes its scratch) cannot, and its directory holds the local copy of the checkpoint
+    it was staging: on a node that runs attempt after attempt for weeks that fills the disk. So
+    each new attempt first removes the directories whose owner process is gone, and those with no
+    owner at all: a scratch directory gets its name only once its owner file is in (it is made
+    under another prefix and renamed), so one without is a removal that was cut short."""
     import shutil
     import tempfile
+    import time
 
     import psutil
     tmp = tempfile.gettempdir()
     for name in os.listdir(tmp):
         path = os.path.join(tmp, name)
-        if name.startswith(SCRATCH_PREFIX) and _owner_alive(path) is False:
+        if name.startswith(SCRATCH_PREFIX):
+            dead = not _owner_alive(path)
+        elif name.startswith(_SCRATCH_STAGING):  # its creator was killed between mkdtemp and rename
+            try:
+                dead = time.time() - os.stat(path).st_mtime > _STAGING_GRACE_S
+            except OSError:
+                continue
+        else:
+            continue
+        if dead:
             shutil.rmtree(path, ignore_errors=True)
-    d = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
-    with open(os.path.join(d, "owner"), "w") as f:
+    staging = tempfile.mkdtemp(prefix=_SCRATCH_STAGING)
+    with open(os.path.join(staging, "owner"), "w") as f:
         f.write(f"{os.getpid()} {psutil.Process().create_time()!r}")
+    d = os.path.join(tmp, SCRATCH_PREFIX + os.path.basename(staging)[len(_SCRATCH_STAGING):])
+    os.rename(staging, d)  # unique: mkdtemp's suffix; a live scratch dir is never empty, so never replaced
     return d
