@@ -193,6 +193,17 @@ def test_export_needs_no_ray(run, tmp_path):
     assert os.path.exists(tmp_path / "o.pth")
 
 
+def test_list_and_pull_need_no_torch(run, tmp_path):
+    """`mae ckpt list | pull` read JSON and copy files: they start in under a second, without
+    torch (~2 s to import; it came in through the config's package and cost every call)."""
+    code = ("import sys; from jobs.ckpt import main; "
+            f"main(['list', {run['uri']!r}]); main(['pull', {run['uri']!r}, '--latest', '--quiet', {str(tmp_path)!r}]); "
+            "assert 'torch' not in sys.modules, 'list/pull imported torch'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoint_" in r.stdout and any(p.name.startswith("checkpoint_") for p in tmp_path.iterdir())
+
+
 def test_init_from_every_source_gives_the_trained_weights(run, tmp_path):
     ref = run["states"][4]
     c = mae_vit_micro_patch4()
