@@ -180,6 +180,25 @@ def _row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
 
 
+def import_whole(name: str):
+    """``importlib.import_module(name)``, done in a thread of its own so that it always completes.
+
+    A decode task's first call imports torch (~2 s), in the worker's main thread. Ray Data cancels
+    the running tasks when a run's worker group restarts, and a cancel is a KeyboardInterrupt in the
+    main thread: one that lands inside ``import torch`` leaves torch half-initialized in that worker
+    for good, and every later task there fails with "partially initialized module 'torch'". An
+    interrupt reaches the main thread only: the importing thread finishes, and the next task (or
+    the interrupted one's retry) finds the module whole."""
+    import importlib
+    import sys
+    import threading
+    if name not in sys.modules:
+        t = threading.Thread(target=importlib.import_module, args=(name,), name=f"import {name}", daemon=True)
+        t.start()
+        t.join()
+    return importlib.import_module(name)
+
+
 def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
                  class_index: dict | None, root: str | None, mode: str = "cpu") -> tuple[dict, int, dict]:
     """{"image": bytes[n], "key"|"path": str[n], ["label"]} -> ({"patches": uint8 [m, L, D],
@@ -198,7 +217,7 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
     root_uri = parse_uri(root) if root else None
     plan = mode == "gpu"
     if not plan:  # here, not at the top: the actors that unpickle this module never import torch
-        from .transforms import transform_image
+        transform_image = import_whole(f"{__package__}.transforms").transform_image
     if plan:  # the device decodes: ship the bytes, the crop box and the flip (the same draws)
         out = np.empty(len(images), object)
         boxes, flips = np.zeros((len(images), 4), np.float32), np.zeros(len(images), bool)

@@ -174,3 +174,38 @@ def test_a_crop_changes_with_the_epoch_and_not_with_a_restart():
     e0, e1 = patches(0), patches(1)
     assert all(not np.array_equal(a, b) for a, b in zip(e0, e1))
     assert np.array_equal(patches(1), e1) and np.array_equal(patches(0), e0)
+
+
+def test_a_decode_task_cancelled_while_importing_torch_leaves_the_worker_usable():
+    """A decode task's first batch imports torch in the worker's main thread; Ray Data cancels the
+    running tasks when a run's worker group restarts (a KeyboardInterrupt there). One that landed
+    inside `import torch` left torch half-initialized in that worker, and its next task failed with
+    "partially initialized module 'torch'" (seen as a failed run after a worker restart). Here the
+    interrupt comes from a timer, in a fresh interpreter whose first decode imports torch."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import signal, sys
+import numpy as np
+from pipeline.crops import TransformConfig
+from pipeline.dataset import decode_batch
+from pipeline.synthetic import encode, pattern
+assert "torch" not in sys.modules
+batch = {"key": ["c/0.jpg"], "image": [encode(pattern(0, 64, np.random.default_rng(0)), "JPEG", quality=90)]}
+def cancel(*a):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, cancel)
+signal.setitimer(signal.ITIMER_REAL, 0.5)  # inside the first decode's `import torch` (~2 s here)
+try:
+    decode_batch(batch, tcfg=TransformConfig(img_size=32, patch_size=4), seed=0, epoch=0, class_index=None, root=None)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+out, n, _ = decode_batch(batch, tcfg=TransformConfig(img_size=32, patch_size=4), seed=0, epoch=0, class_index=None, root=None)
+assert n == 1 and out["patches"].shape == (1, 64, 48), out["patches"].shape
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "interrupted" in r.stdout.split()  # the interrupt did land in the first decode
