@@ -72,7 +72,9 @@ def trial(config: dict) -> None:
                        config.get("objective", OBJECTIVE))
     # A non-finite loss ends the run with an "error" report (objective 0) that reaches Tune
     # through the callback; the search goes on.
-    fit(cfg, verbose=False, callbacks=[TuneReportCallback()], check_cpus=False)
+    result, plan = fit(cfg, verbose=False, callbacks=[TuneReportCallback()], check_cpus=False)
+    if plan.get("finished"):  # relaunched after its driver was killed: no Train run reported for it
+        ray.tune.report(result.metrics)
 
 
 def parse_space(items: list[str]) -> dict:

@@ -202,6 +202,8 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     epochs = math.ceil(max(0, plan["total_steps"] * plan["global_batch"] - start) / plan["rows"])
     epochs += max(1, math.ceil(0.02 * epochs))
     finished = bool(resumed) and resumed["step"] >= plan["total_steps"]
+    if finished:  # started again (a resubmitted job, a relaunched Tune trial): nothing to train
+        return finished_result(run, latest, resumed, plan, verbose), plan
     ds, info, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
     plan.update(stream={"unit_rows": stream.unit_rows, "seed": stream.seed, "shuffle": stream.shuffle}, data=not finished,
                 stats_actor=stats_actor(run_id=str(run)))
@@ -242,6 +244,21 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     finally:
         release_stats_actor(str(run))
     return result, plan
+
+
+def finished_result(run: Store, latest: dict, state: dict, plan: dict, verbose: bool):
+    """The result of a run that already reached its last step, read from its newest complete
+    checkpoint: no worker group is started for it (on a cluster, that is every GPU of the run held
+    for minutes to report one line). The metrics are those its last checkpoint saved."""
+    import ray.train
+    plan.update(finished=True, data=False)
+    metrics = {**(state.get("metrics") or {}), "step": state["step"]}
+    if verbose:
+        print(f"[mae] run {run}: already reached step {state['step']} of {plan['total_steps']} "
+              f"({latest['uri']}); nothing to train", flush=True)
+    fs, root = pyarrow_fs(latest["uri"])
+    return ray.train.Result(metrics=metrics, checkpoint=ray.train.Checkpoint(root, filesystem=fs), error=None,
+                            path=str(run), _storage_filesystem=fs)
 
 
 def failure_of(cfg: PretrainConfig) -> str | None:
