@@ -22,6 +22,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")       # no phone-home
 # measured here, the idle test cluster costs 12% of a core without it and 21% with it, and every
 # run's worker processes pay it again.
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
+# Each node's log monitor globs the logs directory for new files every 0.1 s while nothing is
+# printed; with this, every 0.5 s (its own back-off once a directory holds many files). Measured
+# here on the idle 2-node cluster: the two monitors cost 1.1% of a core instead of 2.7%.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
