@@ -500,8 +500,9 @@ class Trainer:
         t = self.cfg.train
         self.resume()
         if self.step >= self.total:
-            # A relaunch of a finished run (e.g. a Tune trial whose end a killed driver never
-            # recorded): nothing to train, but the caller still needs the run's final result.
+            # The driver found the run unfinished, the index now says finished (another attempt's
+            # last checkpoint completed in between; a finished run relaunched normally never gets
+            # here: see launch.finished_result). Nothing to train; the caller still needs the result.
             self.say(f"[mae] the run already reached step {self.total}; reporting its final metrics")
             self.report(dict(self.saved_metrics, step=self.step))
             return
