@@ -162,11 +162,17 @@ def test_failed_and_stopped_jobs_exit_with_their_status(head, bucket, labeled_di
     assert r.returncode == 0, r.stderr
     sid = r.stdout.strip()
     import time
-    for _ in range(120):
-        st = mae("jobs", "--address", head.address, "status", sid, token=head.token).stdout
-        if "RUNNING" in st:
-            break
-        time.sleep(1)
+
+    from jobs.submit import client
+    os.environ["RAY_AUTH_TOKEN"] = head.token  # the wait polls in this process (a `mae` per poll: ~3 s each)
+    try:
+        c = client(head.address)
+        for _ in range(240):
+            if str(c.get_job_status(sid)).endswith("RUNNING"):
+                break
+            time.sleep(0.5)
+    finally:
+        os.environ.pop("RAY_AUTH_TOKEN")
     r = mae("jobs", "--address", head.address, "stop", sid, token=head.token)
     assert r.returncode == 0 and "stop requested" in r.stdout
     r = mae("jobs", "--address", head.address, "logs", sid, "--follow", token=head.token)
