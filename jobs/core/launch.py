@@ -196,16 +196,16 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
         run.rm(["FAILED.json"])  # a new attempt resumes from the last good checkpoint
     info = resolve(cfg.data.source, cfg.data.split, cfg.data.val_fraction, cfg.data.seed)
     plan = make_plan(cfg, info, t_launch, resumed)
+    if resumed and resumed["step"] >= plan["total_steps"]:
+        # started again (a resubmitted job, a relaunched Tune trial): nothing to train
+        return finished_result(run, latest, resumed, plan, verbose), plan
     start = resumed.get("images_seen", resumed["step"] * plan["global_batch"]) if resumed else 0
     # One stream for the rest of the run, plus spare epochs (2%, at least one) for images skipped
     # as corrupt: they are rows of the stream that yield no image.
     epochs = math.ceil(max(0, plan["total_steps"] * plan["global_batch"] - start) / plan["rows"])
     epochs += max(1, math.ceil(0.02 * epochs))
-    finished = bool(resumed) and resumed["step"] >= plan["total_steps"]
-    if finished:  # started again (a resubmitted job, a relaunched Tune trial): nothing to train
-        return finished_result(run, latest, resumed, plan, verbose), plan
     ds, info, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
-    plan.update(stream={"unit_rows": stream.unit_rows, "seed": stream.seed, "shuffle": stream.shuffle}, data=not finished,
+    plan.update(stream={"unit_rows": stream.unit_rows, "seed": stream.seed, "shuffle": stream.shuffle},
                 stats_actor=stats_actor(run_id=str(run)))
     # Save the resolved config with the run (credentials never appear in it: they are not config).
     run.write("config.yaml", cfg.to_yaml().encode())
@@ -234,8 +234,7 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
             name=cfg.run.name, storage_path=storage_root, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
-        # A finished run started again only reports its final metrics: no data pipeline to start
-        datasets={} if finished else {"train": ds},
+        datasets={"train": ds},
     )
     try:
         result = trainer.fit()  # Train V2 raises when the run fails after its retries
@@ -251,7 +250,7 @@ def finished_result(run: Store, latest: dict, state: dict, plan: dict, verbose: 
     checkpoint: no worker group is started for it (on a cluster, that is every GPU of the run held
     for minutes to report one line). The metrics are those its last checkpoint saved."""
     import ray.train
-    plan.update(finished=True, data=False)
+    plan["finished"] = True
     metrics = {**(state.get("metrics") or {}), "step": state["step"]}
     if verbose:
         print(f"[mae] run {run}: already reached step {state['step']} of {plan['total_steps']} "

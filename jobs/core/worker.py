@@ -11,8 +11,7 @@ from __future__ import annotations
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    if config["plan"].get("data", True):  # (a finished run started again has no dataset)
-        ray.train.get_dataset_shard("train")  # starts the split coordinator now; the trainer reads it later
+    ray.train.get_dataset_shard("train")  # starts the split coordinator now; the trainer reads it later
 
     from jobs.core.config import PretrainConfig
     from jobs.core.trainer import Trainer
