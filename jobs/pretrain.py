@@ -1,6 +1,6 @@
 """mae pretrain [CONFIG.yaml] [section.field=value ...]: distributed MAE pretraining.
 
-Ray Train V2 TorchTrainer, FSDP2 workers, Ray Data input, sharded DCP checkpoints under
+Ray Train V2 (a data-parallel trainer with torch's process group), FSDP2 workers, Ray Data input, sharded DCP checkpoints under
 ``run.storage_path/run.name``. Starting again with the same run name and storage path resumes
 from the latest complete checkpoint (also with another number of workers).
 

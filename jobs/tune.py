@@ -1,7 +1,7 @@
 """mae tune [CONFIG.yaml] [overrides] [--search grid|random|optuna]: search mask ratio and decoder depth.
 
 Each trial is a whole distributed pretraining run: a Tune function trainable builds and fits a
-TorchTrainer (the Ray Train V2 pattern) whose metrics reach Tune through TuneReportCallback.
+Ray Train V2 run (the pattern for TorchTrainer) whose metrics reach Tune through TuneReportCallback.
 
 The objective is the k-NN top-1 on held-out labeled images (``knn_top1``), measured at every
 report. The reconstruction loss is reported too but is NOT the objective: a higher mask ratio
@@ -62,7 +62,7 @@ def trial_config(base: dict, params: dict, trial_name: str, tune_dir: str,
 
 
 def trial(config: dict) -> None:
-    """The Tune function trainable: one whole TorchTrainer run."""
+    """The Tune function trainable: one whole Ray Train run."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 

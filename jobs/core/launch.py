@@ -1,5 +1,6 @@
 """Launching a pretraining run: the plan the driver makes (batch, steps, schedule, probe and
-picture images) and the TorchTrainer that runs :mod:`jobs.core.trainer` on every worker.
+picture images) and the Ray Train run (TorchTrainer's process group, see :mod:`jobs.core.backend`)
+that runs :mod:`jobs.core.trainer` on every worker.
 
 Used by ``mae pretrain``, ``mae tune`` (one call per trial) and ``mae demo``.
 """
@@ -177,10 +178,11 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: d
 
 def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None,
         check_cpus: bool = True):
-    """Build and run the TorchTrainer. Returns (ray.train.Result, plan)."""
+    """Build and run the Ray Train run. Returns (ray.train.Result, plan)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from jobs.core.backend import ProcessGroupConfig
     from jobs.core.common import check_data_cpus
     from jobs.core.worker import train_loop_per_worker
     from pipeline.dataset import release_stats_actor, stats_actor
@@ -224,9 +226,11 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     if parse_uri(cfg.run.storage_path).scheme == "file":
         os.makedirs(storage_root, exist_ok=True)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
-    trainer = TorchTrainer(
+    # TorchTrainer's process-group setup, from a config that keeps torch out of the controller
+    trainer = DataParallelTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "plan": plan},
+        backend_config=ProcessGroupConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),

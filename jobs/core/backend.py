@@ -1,0 +1,101 @@
+"""The torch process group of a run, set up from processes that never import torch.
+
+``TorchTrainer`` carries Ray's ``TorchConfig``, whose module imports torch at its top. The trainer
+object travels to the Train controller, so that process (and the driver, and each Tune trial's
+driver) imports torch (~3-4 CPU-s, ~0.5 GB of mappings) only to tell the workers to connect.
+:class:`ProcessGroupConfig` drives the same steps as Ray's torch backend, in the same order, from
+a module without torch: the steps themselves are Ray's own functions, imported and run on the
+workers, where torch is loaded anyway. Used with ``ray.train.v2``'s ``DataParallelTrainer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from ray.train.backend import Backend, BackendConfig
+
+
+@dataclass
+class ProcessGroupConfig(BackendConfig):
+    """``TorchConfig(backend=..., init_method="env", timeout_s=...)`` without torch in the caller.
+
+    backend: "nccl" with GPUs, "gloo" on CPUs (what TorchTrainer picks for ``backend=None``)."""
+
+    backend: str = "gloo"
+    timeout_s: int = 1800
+
+    @property
+    def backend_cls(self):
+        return _ProcessGroupBackend
+
+    @property
+    def train_func_context(self):
+        return _cuda_device
+
+    @property
+    def framework(self):
+        from ray.train.v2._internal.util import TrainingFramework
+        return TrainingFramework.TORCH
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
+
+
+# ---------------------------------------------------------------- run on the workers (torch there)
+@contextlib.contextmanager
+def _cuda_device():
+    """Around the training function on each worker: Ray's own (sets the worker's CUDA device)."""
+    from ray.train.torch.config import TorchConfigContextManager
+    with TorchConfigContextManager():
+        yield
+
+
+def _set_master(addr: str, port: int) -> None:
+    os.environ["MASTER_ADDR"] = addr
+    os.environ["MASTER_PORT"] = str(port)
+
+
+def _set_dist_env() -> None:
+    from ray.train.torch.config import _set_torch_distributed_env_vars
+    _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, ... from the train context
+
+
+def _init_process_group(**kwargs) -> None:
+    from ray.train.torch.config import _setup_torch_process_group
+    _setup_torch_process_group(**kwargs)  # NCCL async error handling included
+
+
+def _shutdown(destroy_process_group: bool) -> None:
+    from ray.train.torch.config import _shutdown_torch
+    _shutdown_torch(destroy_process_group=destroy_process_group)
+
+
+# ---------------------------------------------------------------- run on the controller (no torch)
+class _ProcessGroupBackend(Backend):
+    share_cuda_visible_devices: bool = True
+
+    def on_start(self, worker_group, backend_config: ProcessGroupConfig):
+        """Ray's ``_TorchBackend.on_start`` for ``init_method="env"``: rank 0's address and a
+        free port as the rendezvous, the torchrun variables, then every rank joins."""
+        import ray
+        from ray.train._internal.utils import get_address_and_port
+        addr, port = worker_group.execute_single(0, get_address_and_port)
+        worker_group.execute(_set_master, addr=addr, port=port)
+        worker_group.execute(_set_dist_env)
+        n = len(worker_group)
+        ray.get([worker_group.execute_single_async(i, _init_process_group, backend=backend_config.backend,
+                                                   world_rank=i, world_size=n, init_method="env://",
+                                                   timeout_s=backend_config.timeout_s) for i in range(n)])
+
+    def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig):
+        import ray
+        from ray.exceptions import GetTimeoutError
+        from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S as default
+        from ray.train.constants import TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S as var
+        futures = worker_group.execute_async(_shutdown, destroy_process_group=len(worker_group) > 1)
+        try:
+            ray.get(futures, timeout=float(os.environ.get(var, default)))
+        except GetTimeoutError:
+            pass  # as Ray's: a hung shutdown of the process group must not hold the run's end
