@@ -149,11 +149,13 @@ def test_prepare_retries_read_errors_and_never_records_them_as_skips(prepared, b
                  progress=False)
     assert sum(r.status == 403 for r in s3.proxy.since(mark)) == 2
     assert m2["counts"] == m["counts"] and m2["splits"] == m["splits"]  # nothing lost, no "unreadable" skip
-    # denied for good: the job fails with one line naming the file, and writes no manifest
+    # denied for good: the job fails with one line naming the file, and writes no manifest (one
+    # retry here: the default 4 back off for ~7 s in all, which only the clock would see)
     s3.proxy.fail_next(prefix, 10_000, status=403)
     try:
         with pytest.raises(StorageError) as e:
-            prepare(PrepareConfig(src=src, dst=f"s3://{bucket}/shards-denied", shard_size_mb=0.02), progress=False)
+            prepare(PrepareConfig(src=src, dst=f"s3://{bucket}/shards-denied", shard_size_mb=0.02, read_retries=1),
+                    progress=False)
     finally:
         s3.proxy.clear_faults()
     msg = str(e.value)
