@@ -77,7 +77,11 @@ class RayHead:
         ours.discard(os.getpid())
         return sorted(ours)
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 2.0) -> None:
+        """SIGTERM to every process of this head, SIGKILL to those left after ``grace`` seconds.
+        Measured here: the dashboard and its modules exit within 1.5 s; the raylet takes ~11 s,
+        and the GCS and the autoscaler monitor do not exit on SIGTERM at all, so a longer grace
+        only waits. The head is thrown away: nothing of it is kept (its temp dir goes too)."""
         import psutil
         procs = []
         for pid in self.pids():
