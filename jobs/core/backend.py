@@ -1,8 +1,8 @@
 """The torch process group of a run, set up from processes that never import torch.
 
 ``TorchTrainer`` carries Ray's ``TorchConfig``, whose module imports torch at its top. The trainer
-object travels to the Train controller, so that process (and the driver, and each Tune trial's
-driver) imports torch (~3-4 CPU-s, ~0.5 GB of mappings) only to tell the workers to connect.
+object travels to the Train controller actor, so that process imports torch (~4-5 CPU-s per run,
+measured here) only to tell the workers to connect.
 :class:`ProcessGroupConfig` drives the same steps as Ray's torch backend, in the same order, from
 a module without torch: the steps themselves are Ray's own functions, imported and run on the
 workers, where torch is loaded anyway. Used with ``ray.train.v2``'s ``DataParallelTrainer``.
@@ -11,6 +11,7 @@ workers, where torch is loaded anyway. Used with ``ray.train.v2``'s ``DataParall
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -94,8 +95,12 @@ class _ProcessGroupBackend(Backend):
         from ray.exceptions import GetTimeoutError
         from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S as default
         from ray.train.constants import TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S as var
+        try:
+            timeout = float(os.environ.get(var, default))
+        except ValueError:  # as Ray's env_integer: a malformed value falls back to the default
+            timeout = float(default)
         futures = worker_group.execute_async(_shutdown, destroy_process_group=len(worker_group) > 1)
         try:
-            ray.get(futures, timeout=float(os.environ.get(var, default)))
-        except GetTimeoutError:
-            pass  # as Ray's: a hung shutdown of the process group must not hold the run's end
+            ray.get(futures, timeout=timeout)
+        except GetTimeoutError:  # as Ray's: a hung shutdown of the process group must not hold the run's end
+            logging.getLogger(__name__).warning(f"torch process group shutdown timed out after {timeout} seconds")
