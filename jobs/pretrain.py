@@ -1,8 +1,8 @@
 """mae pretrain [CONFIG.yaml] [section.field=value ...]: distributed MAE pretraining.
 
-Ray Train V2 (a data-parallel trainer with torch's process group), FSDP2 workers, Ray Data input, sharded DCP checkpoints under
-``run.storage_path/run.name``. Starting again with the same run name and storage path resumes
-from the latest complete checkpoint (also with another number of workers).
+Ray Train V2 (a data-parallel trainer with torch's process group), FSDP2 workers, Ray Data input,
+sharded DCP checkpoints under ``run.storage_path/run.name``. Starting again with the same run name
+and storage path resumes from the latest complete checkpoint (also with another number of workers).
 
     mae pretrain configs/demo.yaml data.source=s3://bucket/shards scaling.num_workers=16
     python -m jobs.pretrain ...      (the form `ray job submit -- python -m jobs.pretrain` runs)

@@ -4,6 +4,7 @@ writing to the tests' S3 server; then `mae ckpt list | pull | export` on what th
 The head is stopped by its own processes' PIDs: the shared test cluster lives on beside it.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -54,6 +55,21 @@ def mae(*args, token=None, home=None, timeout=600):
         env["RAY_AUTH_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def job_client(head):
+    """The project's job client for the head, in this process, with the head's token (only while in use)."""
+    from jobs.submit import client
+    saved = os.environ.get("RAY_AUTH_TOKEN")
+    os.environ["RAY_AUTH_TOKEN"] = head.token
+    try:
+        yield client(head.address)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_TOKEN", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN"] = saved
 
 
 def test_refused_without_the_token_with_a_clear_line(head, tmp_path):
@@ -111,12 +127,8 @@ def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, lab
     assert r.returncode == 0 and "[mae] checkpoint" in r.stdout
 
     # credentials stayed out of the job's environment; the endpoint went in
-    from jobs.submit import client
-    os.environ["RAY_AUTH_TOKEN"] = head.token
-    try:
-        info = client(head.address).get_job_info(sid)
-    finally:
-        os.environ.pop("RAY_AUTH_TOKEN")
+    with job_client(head) as c:
+        info = c.get_job_info(sid)
     env_vars = info.runtime_env.get("env_vars", {})
     assert "AWS_ENDPOINT_URL" in env_vars
     assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(env_vars)
@@ -162,17 +174,11 @@ def test_failed_and_stopped_jobs_exit_with_their_status(head, bucket, labeled_di
     assert r.returncode == 0, r.stderr
     sid = r.stdout.strip()
     import time
-
-    from jobs.submit import client
-    os.environ["RAY_AUTH_TOKEN"] = head.token  # the wait polls in this process (a `mae` per poll: ~3 s each)
-    try:
-        c = client(head.address)
+    with job_client(head) as c:  # the wait polls in this process (a `mae` per poll: ~3 s each)
         for _ in range(240):
             if str(c.get_job_status(sid)).endswith("RUNNING"):
                 break
             time.sleep(0.5)
-    finally:
-        os.environ.pop("RAY_AUTH_TOKEN")
     r = mae("jobs", "--address", head.address, "stop", sid, token=head.token)
     assert r.returncode == 0 and "stop requested" in r.stdout
     r = mae("jobs", "--address", head.address, "logs", sid, "--follow", token=head.token)

@@ -165,15 +165,19 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: d
     warmup = min(warmup, total)
     peak = cfg.optim.lr if cfg.optim.lr > 0 else scaled_lr(cfg.optim.base_lr, global_batch)
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if cfg.scaling.use_gpu else "fp32")
+    # Started again after its last step (a resubmitted job, a relaunched Tune trial): nothing will
+    # train, so the picture and probe images (read from storage and decoded here) are not needed.
+    finished = bool(resumed) and resumed["step"] >= total
     vis = None
-    imgs = _patches(cfg, _vis_images(cfg, info, cfg.train.vis_images))
+    imgs = None if finished else _patches(cfg, _vis_images(cfg, info, cfg.train.vis_images))
     if imgs is not None:
         rng = np.random.default_rng(cfg.train.seed + 12345)
         vis = {"patches": imgs, "noise": rng.random((len(imgs), mcfg.num_patches)).astype(np.float32)}
     return {"run_dir": run_dir_of(cfg), "global_batch": global_batch, "accum_steps": accum,
             "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup, "peak_lr": peak,
             "precision": precision, "flops_per_image": mcfg.train_flops_per_image(), "rows": rows,
-            "t_launch": t_launch, "config_yaml": cfg.to_yaml(), "vis": vis, "probe": probe_data(cfg)}
+            "t_launch": t_launch, "config_yaml": cfg.to_yaml(), "vis": vis,
+            "probe": None if finished else probe_data(cfg), "finished": finished}
 
 
 def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None,
@@ -198,8 +202,7 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
         run.rm(["FAILED.json"])  # a new attempt resumes from the last good checkpoint
     info = resolve(cfg.data.source, cfg.data.split, cfg.data.val_fraction, cfg.data.seed)
     plan = make_plan(cfg, info, t_launch, resumed)
-    if resumed and resumed["step"] >= plan["total_steps"]:
-        # started again (a resubmitted job, a relaunched Tune trial): nothing to train
+    if plan["finished"]:  # started again (a resubmitted job, a relaunched Tune trial): nothing to train
         return finished_result(run, latest, resumed, plan, verbose), plan
     start = resumed.get("images_seen", resumed["step"] * plan["global_batch"]) if resumed else 0
     # One stream for the rest of the run, plus spare epochs (2%, at least one) for images skipped
@@ -254,7 +257,6 @@ def finished_result(run: Store, latest: dict, state: dict, plan: dict, verbose: 
     checkpoint: no worker group is started for it (on a cluster, that is every GPU of the run held
     for minutes to report one line). The metrics are those its last checkpoint saved."""
     import ray.train
-    plan["finished"] = True
     metrics = {**(state.get("metrics") or {}), "step": state["step"]}
     if verbose:
         print(f"[mae] run {run}: already reached step {state['step']} of {plan['total_steps']} "
