@@ -490,6 +490,13 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     return ds, info, stream
 
 
+def with_column(batch: dict, name: str, value) -> dict:
+    """A decoded batch with one more column, ``value`` on every row (e.g. the split it came from).
+    Torch-free, so that a task running it alone imports no more than this module."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    return {**batch, name: np.full(n, value)}
+
+
 def iter_kwargs(cfg: DataConfig, batch_size: int, seed_salt: int = 0) -> dict:
     """Keyword arguments for ``iter_torch_batches`` on the trainer side (one call per attempt:
     the stream spans the run's epochs). ``seed_salt`` varies the buffer's shuffle per rank/attempt."""

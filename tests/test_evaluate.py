@@ -57,6 +57,20 @@ def test_lars_head_and_schedule_follow_the_official_linear_probe():
     assert probe_lr(90, lr=1.0, warmup_epochs=10, epochs=90) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_the_split_tag_runs_inside_the_decode_task(ray_cluster, labeled_dir, capsys):
+    """Each feature row is tagged with its split inside its decode task (fused by Ray Data): as a map
+    of its own it ran as extra tasks, each on a new worker process that imported torch."""
+    from jobs.evaluate import features_dataset
+    from mae_model import MaskedAutoencoder, mae_vit_micro_patch4
+    ds = features_dataset({"m": MaskedAutoencoder(mae_vit_micro_patch4())}, labeled_dir, {"train": None, "val": 8},
+                          workers=1, val_fraction=0.25, seed=0)
+    capsys.readouterr()
+    ds.explain()
+    plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert plan.count("MapBatches(load_and_decode)->MapBatches(with_column)") == 2, plan  # train and val
+    assert "[MapBatches(with_column)]" not in plan, plan
+
+
 @pytest.fixture(scope="module")
 def digits_shards(bucket, ray_cluster, tmp_path_factory):
     """Real images: scikit-learn's 1,797 handwritten digits (10 classes), through `mae prepare`."""
@@ -74,7 +88,8 @@ def digits_shards(bucket, ray_cluster, tmp_path_factory):
 # crops keeping >= 80% of the digit, no flips (a flipped digit is another glyph).
 DIGITS = ["model.preset=mae_vit_micro_patch4", "data.crop_scale=[0.8,1.0]", "data.hflip=0", "train.batch_size=32",
           "train.max_steps=1000", "train.log_every=100", "train.ckpt_every=1000", "train.vis_images=0",
-          "optim.lr=1e-3", "optim.warmup_steps=20", "optim.clip_grad=1.0", "scaling.num_workers=1"]
+          "optim.lr=1e-3", "optim.warmup_steps=20", "optim.clip_grad=1.0", "scaling.num_workers=1",
+          "data.decode_concurrency=1"]
 
 
 def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_shards, bucket, tmp_path):
