@@ -109,3 +109,17 @@ def upload_dir(local: str, s3_uri: str) -> None:
     from pipeline.storage import fsspec_fs
     fs, p = fsspec_fs(s3_uri)
     fs.put(local.rstrip("/") + "/", p, recursive=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules whose tests need the shared Ray cluster run last, fewest first: the cluster starts
+    with the first test that asks for it and then idles beside every later test (its raylets,
+    GCS, dashboard, agents and kept workers: ~25% of a core on this 2-core machine), so the tests
+    that never use it (models, transforms, FSDP over gloo, configs, the job tests' own head) go
+    before it starts. A module's tests keep their order, so its fixtures are set up once."""
+    share: dict[str, list[int]] = {}
+    for it in items:
+        n = share.setdefault(it.nodeid.split("::")[0], [0, 0])
+        n[0] += 1
+        n[1] += "ray_cluster" in it.fixturenames
+    items.sort(key=lambda it: (lambda n: n[1] / n[0])(share[it.nodeid.split("::")[0]]))
