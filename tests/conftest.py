@@ -117,9 +117,10 @@ def pytest_collection_modifyitems(session, config, items):
     GCS, dashboard, agents and kept workers: ~25% of a core on this 2-core machine), so the tests
     that never use it (models, transforms, FSDP over gloo, configs, the job tests' own head) go
     before it starts. A module's tests keep their order, so its fixtures are set up once."""
-    share: dict[str, list[int]] = {}
+    def module(it):
+        return it.nodeid.split("::")[0]
+    uses: dict[str, list[bool]] = {}
     for it in items:
-        n = share.setdefault(it.nodeid.split("::")[0], [0, 0])
-        n[0] += 1
-        n[1] += "ray_cluster" in it.fixturenames
-    items.sort(key=lambda it: (lambda n: n[1] / n[0])(share[it.nodeid.split("::")[0]]))
+        uses.setdefault(module(it), []).append("ray_cluster" in it.fixturenames)
+    share = {m: sum(u) / len(u) for m, u in uses.items()}
+    items.sort(key=lambda it: share[module(it)])
