@@ -5,6 +5,8 @@ Each Ray Train run takes ~20 s to its first step here, so runs are few and small
 
 import json
 import os
+import signal
+import time
 
 import pytest
 from conftest import scratch_dirs
@@ -71,15 +73,18 @@ def tiny(shards, bucket, tmp_path_factory):
     next test, and the weights the own-disk node's run starts from."""
     from ray.util.state import list_actors
 
-    def train_workers():
-        return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)}
+    def actors(cls):
+        return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", cls)], limit=10000)}
     cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8", "scaling.strategy=fsdp",
                  "scaling.placement_strategy=SPREAD")  # the default, PACK, would put both on one node
     counter = str(tmp_path_factory.mktemp("tiny") / "reports.jsonl")
-    before, earlier = scratch_dirs(), train_workers()
+    before, earlier, controllers = scratch_dirs(), actors("RayTrainWorker"), actors("TrainController")
+    sigint = signal.getsignal(signal.SIGINT)
     result, plan = fit(cfg, callbacks=[ReportCounter(counter)])
     return {"cfg": cfg, "result": result, "plan": plan, "reports": counter, "scratch_before": before,
-            "workers": {a: n for a, n in train_workers().items() if a not in earlier}}
+            "workers": {a: n for a, n in actors("RayTrainWorker").items() if a not in earlier},
+            "controllers": set(actors("TrainController")) - set(controllers),
+            "sigint": (sigint, signal.getsignal(signal.SIGINT))}
 
 
 def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
@@ -130,6 +135,19 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     from pipeline.storage import Store
     from ray.util.state import list_actors
     assert not list_actors(filters=[("name", "=", _actor_name(str(Store(run)))), ("state", "=", "ALIVE")])
+    # Ctrl-C is the driver's own again after the run (Train V2 left its handler, which aborts the
+    # finished run's controller and kept that controller and its dataset actors alive) ...
+    assert tiny["sigint"][1] is tiny["sigint"][0]
+    # ... so the run's controller goes with the run
+    assert len(tiny["controllers"]) == 1
+    def alive_controllers():
+        return [a for a in list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
+                                       limit=10000) if a.actor_id in tiny["controllers"]]
+    for _ in range(40):
+        if not alive_controllers():
+            break
+        time.sleep(0.25)
+    assert not alive_controllers()
 
 
 def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, bucket):
