@@ -35,12 +35,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")  # Ray Train's own Prometheus gauges: not read here
-# Idle worker processes kept per node (default: the node's CPU count; any above are killed after
-# 1 s idle): a decode task's worker has imported torch (~4 CPU-s), so a run that finds one saves it.
-# Each idle worker costs ~1% of a core (its task loop wakes every 10 ms). Measured here, 2 runs on
-# the test cluster and then idle: with 10 per node, 13 idle workers and 30% of a core idle, with 3,
-# 6 idle workers and 24%; the 2 runs cost the same (144 and 143 CPU-s).
-os.environ.setdefault("RAY_num_workers_soft_limit", "3")
+# Keep idle worker processes (default: any above the node's CPU count are killed after 1 s idle):
+# a decode task's worker has imported torch (~4 CPU-s); without this every run pays it again.
+os.environ.setdefault("RAY_num_workers_soft_limit", "10")
 
 
 @pytest.fixture(scope="session")
