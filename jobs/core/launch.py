@@ -246,9 +246,10 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
         datasets={"train": ds},
     )
     # Train V2's fit() installs a Ctrl-C handler (in the main thread) that aborts its controller and
-    # leaves it installed: after the run, Ctrl-C would only abort a finished controller (the next
-    # command of a notebook or of `mae demo` could not be interrupted), and the handler's reference
-    # kept that controller and its dataset actors alive, ~1% of a core each, until the next fit.
+    # leaves it installed: after the run, the first two Ctrl-C of the process (the next cell of a
+    # notebook, `mae demo` evaluating) only aborted the finished controller and the third exited the
+    # process; the handler's reference kept that controller and its dataset actors alive, ~1% of a
+    # core each, until the next fit.
     sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         result = trainer.fit()  # Train V2 raises when the run fails after its retries
