@@ -92,9 +92,7 @@ def features_dataset(models: dict[str, MaskedAutoencoder], source: str, limits: 
                      workers: int, val_fraction: float, seed: int):
     """The Ray Data pass of :func:`extract`: every split's center crops, each row tagged with its
     split inside its decode task, then one pool of feature actors for all splits."""
-    import ray.data
-
-    from pipeline.dataset import DataConfig, build_dataset, with_column
+    from pipeline.dataset import DataConfig, build_dataset, decode_task_args, with_column
     c = next(iter(models.values())).config
     parts_ds = []
     for split, limit in limits.items():
@@ -108,7 +106,7 @@ def features_dataset(models: dict[str, MaskedAutoencoder], source: str, limits: 
         # of its own (a sliver of CPU, a function of this torch-importing module) it ran as extra
         # tasks on worker processes of their own; the digits' feature pass took 56 s so, 37 s fused
         ds = ds.map_batches(with_column, fn_kwargs={"name": "split", "value": split}, batch_format="numpy",
-                            num_cpus=dcfg.decode_cpus, compute=ray.data.TaskPoolStrategy(size=dcfg.decode_concurrency))
+                            **decode_task_args(dcfg))
         parts_ds.append(ds.limit(limit) if limit else ds)
     ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
     return _embed(ds, models, workers)

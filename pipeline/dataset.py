@@ -485,9 +485,15 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
                            decode_batch_size=cfg.decode_batch_size, run_id=run_id, stats=stats,
                            read_retries=cfg.read_retries, output_block_rows=cfg.output_block_rows,
                            tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index, mode=cfg.decode)
-    ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
-                        compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency))
+    ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", **decode_task_args(cfg))
     return ds, info, stream
+
+
+def decode_task_args(cfg: DataConfig) -> dict:
+    """The decode tasks' resources and pool: a map given the same ones after ``build_dataset``'s
+    stream is fused into its decode tasks by Ray Data instead of running as tasks of its own."""
+    import ray.data
+    return {"num_cpus": cfg.decode_cpus, "compute": ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)}
 
 
 def with_column(batch: dict, name: str, value) -> dict:
