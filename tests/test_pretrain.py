@@ -62,6 +62,13 @@ class ReportCounter:
         return _Counter(path)
 
 
+def actors(cls: str, *filters) -> dict[str, str]:
+    """The cluster's actors of class ``cls`` (dead ones too, unless ``filters`` say otherwise): id -> node."""
+    from ray.util.state import list_actors
+    return {a.actor_id: a.node_id
+            for a in list_actors(filters=[("class_name", "=", cls), *filters], limit=10000)}
+
+
 def reports_in(path):
     with open(path) as f:
         return [json.loads(x) for x in f]
@@ -71,10 +78,6 @@ def reports_in(path):
 def tiny(shards, bucket, tmp_path_factory):
     """The 2-worker FSDP2 run on 2 nodes (16 steps, checkpoints at 8 and 16): asserted on by the
     next test, and the weights the own-disk node's run starts from."""
-    from ray.util.state import list_actors
-
-    def actors(cls):
-        return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", cls)], limit=10000)}
     cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8", "scaling.strategy=fsdp",
                  "scaling.placement_strategy=SPREAD")  # the default, PACK, would put both on one node
     counter = str(tmp_path_factory.mktemp("tiny") / "reports.jsonl")
@@ -141,8 +144,7 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     # ... so the run's controller goes with the run
     assert len(tiny["controllers"]) == 1
     def alive_controllers():
-        return [a for a in list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
-                                       limit=10000) if a.actor_id in tiny["controllers"]]
+        return set(actors("TrainController", ("state", "=", "ALIVE"))) & tiny["controllers"]
     for _ in range(40):
         if not alive_controllers():
             break
@@ -182,15 +184,12 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     # Tune trial relaunched after its driver was killed must give the scheduler its metric), read
     # from its last checkpoint: no worker group is started for it (on a cluster: every GPU of the
     # run held for minutes to report one line)
-    from ray.util.state import list_actors
-    def train_workers():
-        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)}
-    earlier = train_workers()
+    earlier = set(actors("RayTrainWorker"))
     done, plan = fit(again)
     assert done.error is None and done.metrics["step"] == 16 and plan["finished"]
     assert done.metrics["loss"] == pytest.approx(b[16]["loss"], rel=1e-9)
     assert done.checkpoint.path.endswith("exact-resumed/checkpoint_00000016")
-    assert train_workers() == earlier
+    assert set(actors("RayTrainWorker")) == earlier
     assert len(metrics_of(again)) == len(m)  # no step was run again
 
 
@@ -238,8 +237,7 @@ def test_on_a_node_with_its_own_disk_local_paths_are_refused_and_s3_runs(tiny, s
                    "train.ckpt_every=2"]
         with pytest.raises(StorageError, match="run.storage_path=.*local path"):
             fit(config(shards, bucket, "own-disk-local", *on_node, f"run.storage_path={tmp_path}/runs"))
-        from ray.util.state import list_actors
-        before = {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)}
+        before = set(actors("RayTrainWorker"))
         cfg = config(shards, bucket, "own-disk-s3", *on_node, "optim.base_lr=1e-9", "data.decode=gpu",
                      f"model.init_from={run_dir_of(tiny['cfg'])}")
         fit(cfg)
@@ -247,8 +245,7 @@ def test_on_a_node_with_its_own_disk_local_paths_are_refused_and_s3_runs(tiny, s
         losses = [r["loss"] for r in metrics_of(tiny["cfg"])]
         first = metrics_of(cfg)[0]["loss"]
         assert abs(first - losses[-1]) < 0.25 * losses[-1] and first < 0.8 * losses[0], (first, losses)
-        ran_on = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)
-                  if a.actor_id not in before}
+        ran_on = {n for a, n in actors("RayTrainWorker").items() if a not in before}
         assert ran_on == {node.node_id}
     finally:
         node.stop()
