@@ -9,12 +9,19 @@ STAMP   := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch/torchvision first, pinned to the pair that installs from this machine's disk;
-# then the project with its test tools. Re-runs only when pyproject.toml changes.
+# torch/torchvision first, pinned to the pair that installs from this machine's disk; then the
+# project with its test tools. Re-runs only when pyproject.toml changes. uv does in seconds what pip
+# takes minutes over (measured here: torch + torchvision 22 s against 80 s, the project 9 s against
+# 80 s); it reads no pip.conf, so the package sources and constraints configured for pip (where this
+# machine keeps torch's wheels) are handed to it. Without uv (no wheel for the platform), pip.
+PIPCONF = $(shell $(BIN)/python -m pip config list 2>/dev/null | sed -n "s/^global\.$(1)='\(.*\)'$$/\1/p")
+UV      = UV_CONSTRAINT="$(call PIPCONF,constraint)" $(BIN)/uv pip install -q --python $(BIN)/python
+TORCH   = torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q uv || true
+	UV_EXTRA_INDEX_URL="$(call PIPCONF,extra-index-url)" UV_FIND_LINKS="$(call PIPCONF,find-links)" \
+	  $(UV) $(TORCH) || $(BIN)/pip install -q $(TORCH)
+	$(UV) -e '.[dev]' || $(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
