@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests --durations=25
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 
 demo: $(STAMP)
 	$(BIN)/mae demo
