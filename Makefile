@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Two workers: every test of the shared Ray cluster in one, the others beside it (tests/conftest.py,
+# pytest_collection_modifyitems). `pytest tests` alone runs them all in one process.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 

@@ -148,7 +148,11 @@ def test_device_decode_skips_and_counts_a_body_it_cannot_decode():
 
     from pipeline.gpu_decode import crop_plan, decode_on_device
     good = encode(pattern(0, 64, np.random.default_rng(0)), "JPEG", quality=90)
-    broken = good[:200] + bytes(len(good) - 200)  # a valid header, a body of zeros
+    # a valid header, a body of zeros: everything up to the scan's data (its SOS segment) is kept
+    # (a cut at a fixed offset was inside the header with another Pillow's encoder)
+    sos = good.index(b"\xff\xda")
+    body = sos + 2 + int.from_bytes(good[sos + 2:sos + 4], "big")
+    broken = good[:body] + bytes(len(good) - body)
     cfg = TransformConfig(img_size=32, patch_size=4)
     plans = [crop_plan(d, cfg, np.random.default_rng(i)) for i, d in enumerate((good, broken, good))]
     boxes = np.asarray([p[0] for p in plans], np.float32)
