@@ -8,19 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-
-# Under pytest-xdist (`make test` runs two workers, see pytest_collection_modifyitems), each worker
-# gets a temp dir of its own, inherited by every process it starts (Ray's session dirs, the training
-# attempts' scratch dirs): a test that checks its runs left no scratch dir sees its own runs only.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _own_tmp = os.path.join(tempfile.gettempdir(), f"mae-{os.environ['PYTEST_XDIST_WORKER']}-{os.getpid()}")
-    os.makedirs(_own_tmp, exist_ok=True)
-    os.environ["TMPDIR"] = tempfile.tempdir = _own_tmp
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")        # the test head needs no token
 # Without this, ray.init(address="127.0.0.1:port") "canonicalizes" the loopback address to the
@@ -120,44 +111,16 @@ def upload_dir(local: str, s3_uri: str) -> None:
     fs.put(local.rstrip("/") + "/", p, recursive=True)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(session, config, items):
-    """One process (`pytest tests`): modules whose tests need the shared Ray cluster run last,
-    fewest first: the cluster starts with the first test that asks for it and then idles beside
-    every later test (its raylets, GCS, dashboard, agents and kept workers: ~25% of a core on this
-    2-core machine), so the tests that never use it (models, transforms, FSDP over gloo, configs,
-    the job tests' own head) go before it starts. A module's tests keep their order, so its
-    fixtures are set up once.
-
-    Two xdist workers (`make test`: ``-n 2 --dist loadgroup``): every test of the shared cluster
-    runs in one worker, from the start; the other worker runs the rest, one module at a time (a
-    module's fixtures set up once), in the CPU the cluster's runs leave idle (~20% of the machine:
-    they wait on process starts and polls). One cluster, as in one process."""
+    """Modules whose tests need the shared Ray cluster run last, fewest first: the cluster starts
+    with the first test that asks for it and then idles beside every later test (its raylets,
+    GCS, dashboard, agents and kept workers: ~25% of a core on this 2-core machine), so the tests
+    that never use it (models, transforms, FSDP over gloo, configs, the job tests' own head) go
+    before it starts. A module's tests keep their order, so its fixtures are set up once."""
     def module(it):
         return it.nodeid.split("::")[0]
     uses: dict[str, list[bool]] = {}
     for it in items:
         uses.setdefault(module(it), []).append("ray_cluster" in it.fixturenames)
     share = {m: sum(u) / len(u) for m, u in uses.items()}
-    if not getattr(config.option, "loadgroup", False):  # an xdist worker of --dist loadgroup sets it
-        items.sort(key=lambda it: share[module(it)])
-        return
-    for it in items:
-        it.add_marker(pytest.mark.xdist_group("ray-cluster" if "ray_cluster" in it.fixturenames else module(it)))
-    items.sort(key=lambda it: "ray_cluster" not in it.fixturenames)  # the long unit first (a stable sort)
-
-
-@pytest.hookimpl(trylast=True)  # after xdist has named each test's group in its id
-def pytest_collection_finish(session):
-    if getattr(session.config.option, "loadgroup", False) and not all("@" in it.nodeid for it in session.items):
-        msg = ("pytest-xdist did not apply the test groups (--dist loadgroup): the shared-cluster tests would "
-               "be spread over both workers, each starting a cluster; install the pytest and pytest-xdist "
-               "versions pyproject.toml asks for (make install)")
-        print(f"\nERROR: {msg}", file=sys.__stderr__, flush=True)  # a worker's error reaches the user garbled
-        raise pytest.UsageError(msg)
-
-
-def pytest_unconfigure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import shutil
-        shutil.rmtree(_own_tmp, ignore_errors=True)
+    items.sort(key=lambda it: share[module(it)])

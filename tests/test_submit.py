@@ -218,22 +218,16 @@ def test_a_command_started_with_ray_address_runs_the_shipped_code_and_env(ray_cl
     assert "AWS_SECRET_ACCESS_KEY" not in job_env and "AWS_ACCESS_KEY_ID" not in job_env
 
 
-def test_stopping_a_head_stops_its_processes_and_no_other_ray(ray_cluster):
-    """A head of its own, beside the shared cluster (not the module's: under two xdist workers this
-    test runs in the cluster's, the jobs above in the other)."""
+def test_stopping_the_head_stops_its_processes_and_no_other_ray(head, ray_cluster):
+    """Last in this module: the head goes (the fixture's teardown then finds nothing to stop)."""
     import psutil
     import ray
-    from rayhead import RayHead
-    head = RayHead(extra_env={})
-    try:
-        mine = head.pids()
-        assert len(mine) >= 3  # GCS, raylet, dashboard at least
-        others = [p.pid for p in psutil.process_iter(["cmdline"])
-                  if any("raylet" in a or "gcs_server" in a for a in (p.info["cmdline"] or [])) and p.pid not in mine]
-        assert others  # the shared cluster's
-        head.stop()
-        assert not [p for p in mine if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        assert all(psutil.pid_exists(p) for p in others)
-        assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42  # the shared cluster still works
-    finally:
-        head.stop()
+    mine = head.pids()
+    assert len(mine) >= 3  # GCS, raylet, dashboard at least
+    others = [p.pid for p in psutil.process_iter(["cmdline"])
+              if any("raylet" in a or "gcs_server" in a for a in (p.info["cmdline"] or [])) and p.pid not in mine]
+    assert others  # the shared cluster's
+    head.stop()
+    assert not [p for p in mine if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert all(psutil.pid_exists(p) for p in others)
+    assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42  # the shared cluster still works

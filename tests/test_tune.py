@@ -124,7 +124,12 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     assert absurd["error"] and "non-finite loss" in absurd["error"] and absurd["stopped_at_images"] < BUDGET
     # each trial's checkpoint column is the URI of its run's newest complete checkpoint
     assert by_lr[0.005]["checkpoint"].endswith(f"/trials/{by_lr[0.005]['trial']}/checkpoint_{STEPS:08d}")
-    assert by_lr[5.0]["checkpoint"] is None  # cut before its first checkpoint
+    # The cut trial's Train run learns of the stop at its next report (the controller finds the
+    # trial's result queue gone and aborts the workers): a run this small may end and save in
+    # between (seen once here, a whole suite in: checkpoint 16 written after the cut at step 4).
+    # Its column is then that complete checkpoint, else nothing.
+    cut = by_lr[5.0]["checkpoint"]
+    assert cut is None or cut.endswith(f"/trials/{huge['trial']}/checkpoint_{STEPS:08d}"), cut
     best = grid.get_best_result(metric="loss", mode="min", scope="all")
     assert best.config["params"]["optim.lr"] == 0.005
     for f in ("results.csv", "results.md", "best_config.yaml"):
