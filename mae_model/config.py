@@ -131,6 +131,12 @@ class MAEConfig:
         return 3.0 * fwd
 
 
+# How the model is spread over the workers (``scaling.strategy``; applied by ``mae_model.parallelize``).
+# Here, beside the configs, so that checking a config never imports torch: every driver, CLI
+# command and Tune trial loads one.
+STRATEGIES = ("auto", "fsdp", "hsdp", "ddp")
+
+
 def _preset(**kw) -> MAEConfig:
     return MAEConfig(**kw)
 

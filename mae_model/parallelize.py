@@ -6,6 +6,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from .config import STRATEGIES  # noqa: F401 (re-exported)
 from .model import MaskedAutoencoder
 
 
@@ -53,7 +54,6 @@ def compile_blocks(model: MaskedAutoencoder, backend: str = "inductor") -> Maske
 
 
 # ---------------------------------------------------------------------------- strategies
-STRATEGIES = ("auto", "fsdp", "hsdp", "ddp")
 STATE_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + AdamW's two moments
 FIT_SHARE = 0.25            # the rest of the device is for activations, buffers, the allocator
 

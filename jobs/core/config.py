@@ -155,7 +155,7 @@ class PretrainConfig:
         if t.report_every < 0 or t.min_report_interval_s < 0:
             raise ConfigError(f"train.report_every={t.report_every} / train.min_report_interval_s="
                               f"{t.min_report_interval_s}: must be >= 0")
-        from mae_model.parallelize import STRATEGIES
+        from mae_model.config import STRATEGIES
         if s.strategy not in STRATEGIES:
             raise ConfigError(f"scaling.strategy={s.strategy!r}: one of {', '.join(STRATEGIES)}")
         if t.precision not in ("auto", "bf16", "fp32"):

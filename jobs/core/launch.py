@@ -88,6 +88,8 @@ def _labeled_images(cfg: PretrainConfig, split: str, n: int) -> tuple[list[bytes
 
 def _patches(cfg: PretrainConfig, datas: list[bytes], labels=None):
     """Eval transform (resize + center crop) -> uint8 patches; undecodable images dropped."""
+    if not datas and labels is None:  # no pictures asked for: nothing to decode (and torch not imported)
+        return None
     from pipeline.decode import SkipImage
     from pipeline.transforms import transform_image
     ecfg = cfg.data.transform()
