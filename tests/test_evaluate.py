@@ -122,14 +122,6 @@ def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_sha
     saved = json.loads(read_bytes(f"{trained['checkpoint']}/evaluation.json"))
     assert saved["knn_top1/cls"] == trained["knn_top1/cls"]
     assert json.loads(read_bytes(f"{trained['checkpoint']}/evaluation_random_init.json"))["random_init"] is True
-    # the paper's protocol (LARS on augmented views decoded on the cluster), a few epochs of it
-    paper = evaluate(run, digits_shards, workers=1, linear_protocol="mae", linear_epochs=2, linear_warmup_epochs=1,
-                     linear_batch=128, write=False)
-    assert paper["linear_protocol"] == "mae" and "linear_top1/cls" not in paper
-    assert 0.0 <= paper["linear_mae_top1/cls"] <= 1.0
-    # every epoch's augmented views came through: 2 epochs of 1,382 // 128 steps, at lr 0.1 x 128 / 256
-    # (a few epochs of LARS at that lr barely move the head: the learning is in bench/RESULTS.md)
-    assert paper["linear_mae"]["steps"] == 2 * (1382 // 128) and paper["linear_mae"]["lr"] == pytest.approx(0.05)
     # the CLI: a run without checkpoints is one clear line, exit 2
     with pytest.raises(SystemExit) as e:
         main([f"s3://{bucket}/runs/nothing-here", digits_shards])

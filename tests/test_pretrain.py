@@ -251,6 +251,25 @@ def test_on_a_node_with_its_own_disk_local_paths_are_refused_and_s3_runs(tiny, s
         node.stop()
 
 
+def test_the_papers_linear_probe_on_the_runs_checkpoint(tiny, labeled_dir):
+    """`mae evaluate --linear-protocol mae` on the 2-worker run's checkpoint: LARS on augmented views
+    that Ray Data decodes and a feature actor embeds on the cluster, one stream for every epoch. Here
+    on the small labeled folder (a fifth held out as val), where the digits test's 1,382 images cost
+    ~40 s more for the same assertions; what the protocol learns is in bench/RESULTS.md."""
+    from jobs.evaluate import evaluate
+    paper = evaluate(run_dir_of(tiny["cfg"]), labeled_dir, workers=1, linear_protocol="mae", linear_epochs=2,
+                     linear_warmup_epochs=1, linear_batch=16, write=False,
+                     shared_fs=True)  # the simulated nodes share one disk
+    assert paper["linear_protocol"] == "mae" and "linear_top1/cls" not in paper
+    assert paper["random_init"] is False and paper["classes"] == 4
+    assert 0.0 <= paper["linear_mae_top1/cls"] <= 1.0 and 0.0 <= paper["knn_top1/cls"] <= 1.0
+    # every epoch's augmented views came through: 2 epochs of train_images // 16 steps, at lr 0.1 x 16 / 256
+    n = paper["train_images"]
+    assert n + paper["val_images"] == 96 and n > 32
+    assert paper["linear_mae"]["steps"] == 2 * (n // 16) and paper["linear_mae"]["lr"] == pytest.approx(0.1 * 16 / 256)
+    assert paper["linear_mae"]["final_loss"] is not None
+
+
 def test_a_failed_run_is_one_line_and_exit_1(shards, bucket, capsys):
     """Train V2's fit() raises when the workers fail: the user sees the worker's own error in one
     line (here: rank 0 cannot read model.init_from), not the chain of tracebacks."""
