@@ -62,10 +62,9 @@ def test_concurrency_counts_gpus_and_a_trial_that_cannot_fit_is_one_line():
 
 
 def test_a_driver_that_decodes_no_images_never_imports_torch(labeled_dir):
-    """Loading a config and planning a run without pictures or k-NN probe (a loss-objective Tune
-    trial's driver, `mae submit`'s check of the job's config) needs no torch: checking a config
-    imported FSDP for the list of strategies, and the plan the optimizer module for the lr rule
-    (2-4 s of CPU in every trial's driver here)."""
+    """Loading a config and planning a run without pictures or k-NN probe (the `mae tune` driver, a
+    loss-objective trial's driver) needs no torch: checking a config imported FSDP for the list of
+    strategies, and the plan the optimizer module for the lr rule (2-4 s of CPU in each here)."""
     code = ("import sys; from jobs.core.config import load; from jobs.core.launch import make_plan; "
             "from pipeline.sources import resolve; import jobs.core.worker, jobs.tune; "
             f"cfg = load(None, ['data.source={labeled_dir}', 'model.preset=mae_vit_micro_patch4', "
