@@ -132,8 +132,8 @@ class MAEConfig:
 
 
 # How the model is spread over the workers (``scaling.strategy``; applied by ``mae_model.parallelize``).
-# Here, beside the configs, so that checking a config never imports torch: every driver, CLI
-# command and Tune trial loads one.
+# Here, beside the configs, so that checking a config never imports torch (the `mae tune` driver and
+# its trials' drivers load configs and may need nothing else of torch).
 STRATEGIES = ("auto", "fsdp", "hsdp", "ddp")
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from .config import STRATEGIES  # noqa: F401 (re-exported)
+from .config import STRATEGIES
 from .model import MaskedAutoencoder
 
 
