@@ -157,7 +157,7 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     then SIGKILLed in its second epoch (the group restarts from checkpoint 14), reproduces the
     uninterrupted run's losses: same batches, crops, masks and schedule, across the epoch boundary."""
     common = ["train.max_steps=16", "train.ckpt_every=7", "scaling.num_workers=1", "data.deterministic=true",
-              "data.augment=true"]
+              "data.augment=true", "train.vis_images=0"]
     full = config(shards, bucket, "exact-full", *common)
     result, plan = fit(full)
     assert result.error is None

@@ -107,7 +107,8 @@ def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, lab
             "model.preset=mae_vit_micro_patch4", f"model.init_from=s3://{bucket}/submit/init.pth",
             f"data.source={shards}", "data.decode_batch_size=8", "data.rows_per_unit=16",
             "data.shuffle_buffer=32", "train.batch_size=8", "train.max_steps=8", "train.ckpt_every=4",
-            "train.log_every=2", "optim.warmup_steps=2", "scaling.num_workers=2", "scaling.strategy=fsdp",
+            "train.log_every=2", "train.vis_images=0", "optim.warmup_steps=2", "scaling.num_workers=2",
+            "scaling.strategy=fsdp",
             f"run.storage_path={runs}", "run.name=submitted", token=head.token)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
@@ -168,7 +169,7 @@ def test_failed_and_stopped_jobs_exit_with_their_status(head, bucket, labeled_di
 
     # a job stopped while it runs: `mae jobs logs --follow` exits 3 (stopped)
     r = mae("submit", "--address", head.address, "--", "pretrain", "model.preset=mae_vit_micro_patch4",
-            f"data.source={labeled_dir}", "train.batch_size=8", "train.max_steps=100000",
+            f"data.source={labeled_dir}", "train.batch_size=8", "train.max_steps=100000", "train.vis_images=0",
             "scaling.num_workers=1", f"run.storage_path=s3://{bucket}/submit/runs", "run.name=stopped",
             token=head.token)
     assert r.returncode == 0, r.stderr
