@@ -6,6 +6,8 @@ Explicit free ports for every listener, telemetry/admin UI/WebDAV off, credentia
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -47,6 +49,7 @@ class S3Server:
         self.dir = tempfile.mkdtemp(prefix="mae-s3-")
         p = {k: free_port() for k in ("s3", "s3g", "master", "masterg", "volume", "volumeg",
                                       "filer", "filerg", "admin", "adming", "metrics")}
+        self.ports = p
         self.port = p["s3"]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
@@ -114,3 +117,9 @@ class S3Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        # weed writes its services' local sockets to /tmp whatever TMPDIR says (seaweedfs-s3-<port>.sock,
+        # seaweedfs-<service>-grpc-<port>.sock) and leaves them: each is named by a port handed to this server
+        for port in self.ports.values():
+            for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    os.remove(path)

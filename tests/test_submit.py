@@ -47,6 +47,25 @@ def test_the_s3_server_listens_only_on_the_ports_the_tests_chose(s3):
     assert {port for _, port in listening} <= _handed_out, sorted(listening)
 
 
+def test_a_stopped_s3_server_leaves_nothing_in_the_temp_dir():
+    """`weed mini` puts its services' local sockets in /tmp (seaweedfs-s3-<port>.sock,
+    seaweedfs-<service>-grpc-<port>.sock) and left them there when it stopped: more files in /tmp
+    for every suite a developer ran. The server removes those named by its ports when it stops."""
+    import tempfile
+
+    from s3server import S3Server
+    tmp = tempfile.gettempdir()
+    before = set(os.listdir(tmp))
+    server = S3Server()
+    try:
+        assert "Buckets" in server.client().list_buckets()
+    finally:
+        server.stop()
+    mine = {os.path.basename(server.dir)} | {f"-{port}.sock" for port in server.ports.values()}
+    left = {f for f in set(os.listdir(tmp)) - before if any(f == m or f.endswith(m) for m in mine)}
+    assert not left, left  # (the session's own server may add its sockets meanwhile: not counted)
+
+
 def mae(*args, token=None, home=None, timeout=600):
     """Run the `mae` CLI as a user would; -> CompletedProcess (stdout, stderr, returncode)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
