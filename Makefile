@@ -13,11 +13,15 @@ $(BIN)/python:
 # project with its test tools. Re-runs only when pyproject.toml changes. uv does in seconds what pip
 # takes minutes over (measured here: torch + torchvision 22 s against 80 s, the project 9 s against
 # 80 s); it reads no pip.conf, so the package sources and constraints configured for pip (where this
-# machine keeps torch's wheels) are handed to it. --compile-bytecode: pip writes the .pyc files at
-# install and uv does not; under PYTHONDONTWRITEBYTECODE (set on these machines) every process then
-# compiled torch again on import (16.5 s instead of 3.2). Without uv (no wheel for the platform), pip.
+# machine keeps torch's wheels) are handed to it. Without uv (no wheel for the platform), pip.
+# Bytecode: these machines set PYTHONDONTWRITEBYTECODE, under which every process compiled what it
+# imports again (torch + Ray: 17 s instead of 6). Compiling all 250 MB of site-packages at install
+# (uv --compile-bytecode) took 31 s of a 38 s install; instead the targets below run without that
+# variable, so the first process to import a module writes its .pyc (11 s once, for what is used)
+# and every later one reads it (.pyc files and __pycache__ are git-ignored and never shipped).
+unexport PYTHONDONTWRITEBYTECODE
 PIPCONF = $(shell $(BIN)/python -m pip config list 2>/dev/null | sed -n "s/^global\.$(1)='\(.*\)'$$/\1/p")
-UV      = UV_CONSTRAINT="$(call PIPCONF,constraint)" $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python
+UV      = UV_CONSTRAINT="$(call PIPCONF,constraint)" $(BIN)/uv pip install -q --python $(BIN)/python
 TORCH   = torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q uv || true
