@@ -53,7 +53,9 @@ class S3Server:
         self.port = p["s3"]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-        cmd = [_weed(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        # -logdir (a flag of weed itself, before the command): its logger writes its files there, not
+        # to the temp dir where they outlived the server (weed.<host>.<user>.log.<LEVEL>.<time>.<pid>)
+        cmd = [_weed(), f"-logdir={self.dir}", "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3g']}",
                f"-master.port={p['master']}", f"-master.port.grpc={p['masterg']}",
                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volumeg']}",
