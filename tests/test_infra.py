@@ -260,7 +260,8 @@ def test_gpu_nodes_advertise_only_the_cpus_their_trainers_hold():
 
 def test_a_local_ray_started_by_mae_listens_on_loopback_only():
     """`mae pretrain` (or demo) without RAY_ADDRESS starts its own Ray: every socket that Ray's
-    processes listen on is on 127.0.0.1, none on the machine's other interfaces."""
+    processes listen on is on 127.0.0.1, none on the machine's other interfaces; once it exits,
+    nothing of that Ray is left in the temp dir."""
     probe = ("import json, ray, psutil\n"
              "from jobs.core.common import init_ray\n"
              "init_ray(num_cpus=2)\n"
@@ -277,8 +278,16 @@ def test_a_local_ray_started_by_mae_listens_on_loopback_only():
              "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env["RAY_AUTH_MODE"] = "disabled"
+    import glob
+    import tempfile
+    def forkserver_dirs():  # multiprocessing's temp dirs
+        return set(glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*")))
+    before = forkserver_dirs()
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     addrs = json.loads(r.stdout.strip().splitlines()[-1])
     assert addrs and set(addrs) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addrs
+    # and it leaves nothing in the temp dir: its dashboard's forkserver dir (pymp-*, with the
+    # server's listener socket) outlived every local Ray before
+    assert not forkserver_dirs() - before, forkserver_dirs() - before

@@ -254,7 +254,11 @@ def test_stopping_the_head_stops_its_processes_and_no_other_ray(head, ray_cluste
     others = [p.pid for p in psutil.process_iter(["cmdline"])
               if any("raylet" in a or "gcs_server" in a for a in (p.info["cmdline"] or [])) and p.pid not in mine]
     assert others  # the shared cluster's
+    from jobs.core.common import forkserver_dirs
+    made = forkserver_dirs() - head.forkserver_before  # the head dashboard's pymp-* dir, the shared cluster's
     head.stop()
     assert not [p for p in mine if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert all(psutil.pid_exists(p) for p in others)
+    left = forkserver_dirs() - head.forkserver_before
+    assert left < made, (made, left)  # the head's went with it; a live dashboard's (the cluster's) stays
     assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42  # the shared cluster still works
