@@ -278,10 +278,7 @@ def test_a_local_ray_started_by_mae_listens_on_loopback_only():
              "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env["RAY_AUTH_MODE"] = "disabled"
-    import glob
-    import tempfile
-    def forkserver_dirs():  # multiprocessing's temp dirs
-        return set(glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*")))
+    from jobs.core.common import forkserver_dirs
     before = forkserver_dirs()
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
