@@ -288,3 +288,25 @@ def test_a_local_ray_started_by_mae_listens_on_loopback_only():
     # and it leaves nothing in the temp dir: its dashboard's forkserver dir (pymp-*, with the
     # server's listener socket) outlived every local Ray before
     assert not forkserver_dirs() - before, forkserver_dirs() - before
+
+
+def test_a_forkserver_dir_whose_socket_is_live_is_never_removed():
+    """Only the pymp-* dirs whose listener sockets no live process has bound any more go, even where
+    the path holds a space (/proc/net/unix lists the whole path as its last, unquoted column)."""
+    import socket
+    import tempfile
+
+    from jobs.core.common import forkserver_dirs, remove_dead_forkserver_dirs
+    before = forkserver_dirs()
+    d = tempfile.mkdtemp(prefix="pymp-", suffix=" with space")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(os.path.join(d, "listener-test"))
+        sock.listen()
+        assert remove_dead_forkserver_dirs(before, wait=0) == [] and os.path.isdir(d)  # live: kept
+        sock.close()
+        assert remove_dead_forkserver_dirs(before, wait=0) == [d] and not os.path.exists(d)  # dead: gone
+    finally:
+        sock.close()
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)

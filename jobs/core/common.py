@@ -49,7 +49,8 @@ def _listening_unix_paths() -> set[str] | None:
     try:
         with open("/proc/net/unix") as f:
             next(f)
-            return {parts[7] for parts in (line.split() for line in f) if len(parts) >= 8}
+            # 8th column: the path, last and unquoted (it may hold spaces); absent for unnamed sockets
+            return {parts[7] for parts in (line.rstrip("\n").split(None, 7) for line in f) if len(parts) == 8}
     except (OSError, StopIteration):
         return None
 
