@@ -213,7 +213,8 @@ def baseline(keys, endpoint, cores, batch, server_pid, epochs=1) -> dict:
 def ours(shards_uri, batch, server_pid, epochs=1) -> dict:
     """One execution over 1 + ``epochs`` epochs (the training stream's shape: no gap between epochs),
     CPU of every process of the pipeline: decode tasks, Ray's own processes and this consumer."""
-    from pipeline.dataset import DataConfig, build_dataset
+    from pipeline.config import DataConfig
+    from pipeline.dataset import build_dataset
     cfg = DataConfig(source=shards_uri, img_size=224, patch_size=16, decode_batch_size=32)
     ds, _, stream = build_dataset(cfg, epochs=epochs + 1)
     it = iter(ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=4))

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             f"scaling.num_workers={a.workers}", f"run.storage_path={runs}", "run.name=mae-demo",
         ])
         _, plan = fit(cfg, t0)
-    rd = plan["run_dir"]
+    rd = plan.run_dir
     print(f"\n[demo] finished in {time.time() - t0:.0f}s. Results:\n"
           f"  run directory:  {rd}\n"
           f"  checkpoints:    {rd}/checkpoint_*  (DCP shards + manifest + COMPLETE marker)\n"

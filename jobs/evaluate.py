@@ -92,7 +92,8 @@ def features_dataset(models: dict[str, MaskedAutoencoder], source: str, limits: 
                      workers: int, val_fraction: float, seed: int):
     """The Ray Data pass of :func:`extract`: every split's center crops, each row tagged with its
     split inside its decode task, then one pool of feature actors for all splits."""
-    from pipeline.dataset import DataConfig, build_dataset, decode_task_args, with_column
+    from pipeline.config import DataConfig
+    from pipeline.dataset import build_dataset, decode_task_args, with_column
     c = next(iter(models.values())).config
     parts_ds = []
     for split, limit in limits.items():
@@ -186,7 +187,8 @@ def linear_probe_mae(model: MaskedAutoencoder, source: str, val: dict, val_y: to
     here, on the features); scored on the center-crop ``val`` features.
     -> (top-1 on val, {"steps", "lr", "final_loss"})."""
     from jobs.core.probe import LARS, linear_head, probe_lr
-    from pipeline.dataset import DataConfig, build_dataset
+    from pipeline.config import DataConfig
+    from pipeline.dataset import build_dataset
     c = model.config
     kind = "mean" if global_pool else "cls"
     dcfg = DataConfig(source=source, split="train", img_size=c.img_size, patch_size=c.patch_size, augment=True,

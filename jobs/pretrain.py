@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     if err:
         print(f"mae pretrain: error: {err}", file=sys.stderr)
         return 1
-    rd = plan["run_dir"]
+    rd = plan.run_dir
     latest = ckpt.latest_complete(rd)
     print(f"[mae] done. run directory: {rd}\n"
           f"  checkpoints: {rd}/checkpoint_* (latest: {latest['uri'] if latest else 'none'})\n"

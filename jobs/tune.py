@@ -73,7 +73,7 @@ def trial(config: dict) -> None:
     # A non-finite loss ends the run with an "error" report (objective 0) that reaches Tune
     # through the callback; the search goes on.
     result, plan = fit(cfg, verbose=False, callbacks=[TuneReportCallback()], check_cpus=False)
-    if plan.get("finished"):  # relaunched after its driver was killed: no Train run reported for it
+    if plan.finished:  # relaunched after its driver was killed: no Train run reported for it
         ray.tune.report(result.metrics)
 
 

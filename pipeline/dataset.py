@@ -5,172 +5,26 @@ The trainer's only contact is ``get_dataset_shard("train").iter_torch_batches(**
 
 Read and decode are fused into one task per block (no object-store hop between them), and the
 output is uint8 patches ``[B, L, p*p*3]``: a quarter of the bytes of float32 between processes.
-Corrupt, truncated, empty or non-image objects are skipped and counted by :class:`PipelineStats`.
+Corrupt, truncated, empty or non-image objects are skipped and counted by the run's counters actor
+(:mod:`pipeline.stats`). The config is :class:`pipeline.config.DataConfig`; the data order and its
+resume position are :mod:`pipeline.stream`'s.
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
-from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator
 
 import numpy as np
 
-from .decode import DEFAULT_MAX_PIXELS, SkipImage
-from .sources import SourceInfo, label_of, relative_key, resolve
-from .storage import StorageError, parse_uri, pyarrow_fs, storage_errors, with_retries
+from .config import DataConfig
 from .crops import TransformConfig, crop_plan
-
-STATS_ACTOR = "mae_pipeline_stats"
-
-@dataclass
-class DataConfig:
-    source: str = ""                 # URI: prepared shards (mae prepare) or an image folder
-    split: str = "train"
-    img_size: int = 224
-    patch_size: int = 16
-    augment: bool = True             # RandomResizedCrop + flip (train); else resize + center crop
-    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range (MAE: 0.2-1.0)
-    hflip: float = 0.5               # probability of a horizontal flip (0 where left/right matters)
-    seed: int = 0
-    shuffle: bool = True             # file order reshuffled each epoch + a local shuffle buffer
-    shuffle_buffer: int = 1024       # rows in the trainer-side local shuffle buffer
-    val_fraction: float = 0.0        # image folders only: seeded hash split
-    decode_batch_size: int = 32      # rows per decode call (and per output block)
-    rows_per_unit: int = 256         # images per read unit: one task reads and decodes a unit
-    decode_concurrency: int | None = None  # max parallel decode tasks (None: Ray Data decides)
-    decode_cpus: float = 1.0         # CPUs reserved by each decode task
-    read_retries: int = 4            # retries (with backoff) of a failed storage read, then the run fails
-    max_data_cpus: float | None = None     # cap on CPUs for Ray Data (leave room for training)
-    prefetch_batches: int = 4        # batches prefetched by the trainer-side iterator
-    reduced_decode: bool = True      # JPEG DCT-scaled decode when the crop allows it
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    deterministic: bool = False      # preserve order, no shuffles: for exact-resume comparisons
-    decode: str = "cpu"              # cpu: decode tasks ship patches; gpu: they ship JPEG bytes + crop boxes
-                                     # and the training worker decodes on its device (pipeline.gpu_decode)
-    output_block_rows: int = 256     # rows per output block (fewer calls into the split coordinator)
-    progress_bars: bool = False      # Ray Data's progress bars (on a terminal; off in job logs)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown data field(s) {bad}; known: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def transform(self) -> TransformConfig:
-        lo, hi = (float(x) for x in self.crop_scale)
-        if not (0 < lo <= hi <= 1) or not (0 <= self.hflip <= 1):
-            raise ValueError(f"data.crop_scale={list(self.crop_scale)} / data.hflip={self.hflip}: "
-                             "crop_scale is [lo, hi] with 0 < lo <= hi <= 1, hflip a probability in [0, 1]")
-        if self.decode not in ("cpu", "gpu"):
-            raise ValueError(f"data.decode={self.decode!r}: cpu (decode tasks) or gpu (the training worker's device)")
-        if self.output_block_rows < 1:
-            raise ValueError(f"data.output_block_rows={self.output_block_rows}: must be >= 1")
-        return TransformConfig(img_size=self.img_size, patch_size=self.patch_size, train=self.augment,
-                               reduced_decode=self.reduced_decode, max_pixels=self.max_pixels,
-                               scale=(lo, hi), hflip=float(self.hflip))
-
-
-# ---------------------------------------------------------------------------- skip counters
-def _stats_actor_cls():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class PipelineStats:
-        """Cluster-wide counters of decoded and skipped images (with reasons and examples)."""
-
-        def __init__(self):
-            self.ok = 0
-            self.skipped = Counter()
-            self.examples: dict[str, list[str]] = {}
-
-        def record(self, ok: int, skipped: dict[str, list[str]]):
-            self.ok += ok
-            for reason, keys in skipped.items():
-                self.skipped[reason] += len(keys)
-                ex = self.examples.setdefault(reason, [])
-                ex.extend(keys[: max(0, 5 - len(ex))])
-
-        def get(self) -> dict:
-            return {"ok": self.ok, "skipped": dict(self.skipped), "examples": self.examples}
-
-        def reset(self):
-            self.__init__()
-
-        # The position a restarted worker group resumes from (see Stream.locate), per run. Read by
-        # each decode task once per read unit; set by rank 0 before any rank iterates.
-        def set_resume(self, run_id: str, item: int, row: int):
-            self.resume = {**getattr(self, "resume", {}), run_id: (item, row)}
-
-        def get_resume(self, run_id: str):
-            return getattr(self, "resume", {}).get(run_id, (0, 0))
-
-    return PipelineStats
-
-
-_STATS: dict = {}  # (job id, actor name) -> handle: the actors this driver owns
-
-
-def _actor_name(run_id: str) -> str:
-    import hashlib
-    return STATS_ACTOR if not run_id else f"{STATS_ACTOR}-{hashlib.sha1(run_id.encode()).hexdigest()[:16]}"
-
-
-def stats_actor(create: bool = True, run_id: str = ""):
-    """The named counters actor of this driver (one per run: concurrent Tune trials each own one;
-    :func:`release_stats_actor` ends it with its run, and none outlives the process that started
-    it). Created on first use."""
-    import ray
-    name = _actor_name(run_id)
-    if create:
-        # The module keeps the handle, so that the actor lives as long as its driver (not only as
-        # long as one dataset's references to it).
-        key = (ray.get_runtime_context().get_job_id(), name)
-        if key not in _STATS:
-            _STATS[key] = _stats_actor_cls().options(name=name, get_if_exists=True).remote()
-        return _STATS[key]
-    try:
-        return ray.get_actor(name)
-    except ValueError:
-        return None
-
-
-def release_stats_actor(run_id: str = "") -> None:
-    """End the run's counters actor once its run is over. An idle actor still holds a process and
-    about 1% of a core; a driver that runs many fits (a Tune trial driver, a notebook, the tests)
-    would otherwise keep one per run until it exits."""
-    import ray
-    handle = _STATS.pop((ray.get_runtime_context().get_job_id(), _actor_name(run_id)), None)
-    if handle is not None:
-        try:
-            ray.kill(handle)  # decode tasks still finishing record fire-and-forget: nothing waits on it
-        except Exception:  # noqa: BLE001 - Ray already gone: the actor went with it; never mask a run's error
-            pass
-
-
-def _resume_at(stats, run_id: str, start: tuple[int, int]) -> tuple[int, int]:
-    """The later of the driver's start and a restarted group's position (the driver's, if the
-    actor cannot be asked)."""
-    if stats is None or not run_id:
-        return start
-    import ray
-    try:
-        return max(start, tuple(ray.get(stats.get_resume.remote(run_id))))
-    except ray.exceptions.RayActorError:
-        return start
-
-
-def pipeline_stats(run_id: str = "") -> dict:
-    import ray
-    a = stats_actor(create=False, run_id=run_id)
-    return ray.get(a.get.remote()) if a else {"ok": 0, "skipped": {}, "examples": {}}
+from .decode import SkipImage
+from .sources import SourceInfo, label_of, relative_key, resolve
+from .stats import stats_actor
+from .storage import StorageError, parse_uri, pyarrow_fs, storage_errors, with_retries
+from .stream import Stream, position_actor, resume_at
 
 
 # ---------------------------------------------------------------------------- the map step
@@ -299,63 +153,20 @@ def read_units(info: SourceInfo, rows_per_unit: int) -> list[dict]:
     return units
 
 
-@dataclass(frozen=True)
-class Stream:
-    """The run's data order: epoch ``e`` reads every unit once, in a seeded permutation of its
-    own (``seed``, ``e``); item ``g`` of the stream is unit ``order(g // U)[g % U]``.
-
-    The order is the project's own (no Ray execution counter), so it is the same on every node
-    and in every attempt: a position counted in images maps back to (item, row) and a resumed run
-    or a restarted worker group continues the epoch count, file order and crop seeds where they were.
-    """
-    unit_rows: tuple[int, ...]
-    seed: int
-    shuffle: bool
-
-    @property
-    def num_units(self) -> int:
-        return len(self.unit_rows)
-
-    @property
-    def rows_per_epoch(self) -> int:
-        return sum(self.unit_rows)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Unit indices in the order epoch ``epoch`` reads them."""
-        if not self.shuffle:
-            return np.arange(self.num_units)
-        return np.random.default_rng([self.seed, 1000003, epoch]).permutation(self.num_units)
-
-    def unit_of(self, item: int) -> tuple[int, int]:
-        """Stream item -> (epoch, unit index)."""
-        epoch, pos = divmod(item, self.num_units)
-        return epoch, int(self.order(epoch)[pos])
-
-    def locate(self, images: int) -> tuple[int, int]:
-        """The first ``images`` rows of the stream consumed -> (item, row) to continue from: whole
-        units are skipped without being read, then ``row`` rows of the next one before decoding.
-        (Images skipped as corrupt count as rows here, so a resume may repeat that many images.)"""
-        epoch, r = divmod(int(images), self.rows_per_epoch)
-        cum = np.cumsum(np.asarray(self.unit_rows)[self.order(epoch)])
-        pos = int(np.searchsorted(cum, r, side="right"))
-        row = r - (int(cum[pos - 1]) if pos else 0)
-        return epoch * self.num_units + pos, row
-
-
 def _concat(parts: list[dict]) -> dict:
     return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream, start: tuple[int, int],
-                    decode_batch_size: int, run_id: str, stats, read_retries: int = 4,
+                    decode_batch_size: int, stats, position, read_retries: int = 4,
                     output_block_rows: int = 256, **decode_kw) -> Iterator[dict]:
     """One stream item (a read unit in one epoch) -> decoded uint8 patch batches, streamed out.
 
-    Items before the start position (the driver's, or a later one that a restarted worker group of
-    ``run_id`` set on the stats actor) are dropped unread, and the first rows of the item at that
-    position before decoding. Decoded and skipped counts go to the stats actor once per unit."""
+    Items before the start position (the driver's, or a later one that a restarted worker group
+    set on the run's ``position`` actor) are dropped unread, and the first rows of the item at that
+    position before decoding. Decoded and skipped counts go to the ``stats`` actor once per unit."""
     item = int(batch["item"][0])
-    start = _resume_at(stats, run_id, start)
+    start = resume_at(position, start)
     if item < start[0]:
         return
     first_row = start[1] if item == start[0] else 0
@@ -438,12 +249,12 @@ def _unit_rows(fs, uri: str, unit: dict, first_row: int, batch: int, retries: in
             opened["f"].close()
 
 
-def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int, run_id: str, stats) -> dict:
+def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int, position) -> dict:
     """{"id": [i]} -> {"item": the stream items of epoch ``first_epoch + i`` from the start on}. The
     start is the driver's, or a restarted worker group's later one: what was consumed is never
     even scheduled (the expansion runs lazily, after rank 0 has set the position)."""
     e = first_epoch + int(batch["id"][0])
-    lo = max(e * num_units, _resume_at(stats, run_id, (first_item, 0))[0])
+    lo = max(e * num_units, resume_at(position, (first_item, 0))[0])
     return {"item": np.arange(lo, (e + 1) * num_units, dtype=np.int64)}
 
 
@@ -455,8 +266,9 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     One execution spans ``epochs`` epochs from the position ``start_image`` (images consumed so
     far): the next epoch's first units are read and decoded while the last ones of this epoch
     train, with no drain and restart in between. Each stream item is one read unit, read and
-    decoded by one task. ``run_id`` names the run whose resume position (set on the stats actor by
-    a restarted worker group) the decode tasks honour.
+    decoded by one task. ``run_id`` names the run: its counters actor (:func:`pipeline.stats.stats_actor`)
+    and, for a non-empty ``run_id``, its position actor (:func:`pipeline.stream.position_actor`),
+    whose resume position (set by a restarted worker group) the decode tasks honour.
     """
     import ray.data
 
@@ -470,19 +282,20 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     first_epoch = first_item // stream.num_units
     last_epoch = max(first_epoch + 1, start_image // max(1, stream.rows_per_epoch) + epochs)
     n = last_epoch - first_epoch
+    stats = stats_actor(run_id=run_id)
+    position = position_actor(run_id) if run_id else None  # no run id: no restarted group to follow
     # Epochs -> their items (tiny rows) -> one item per block -> one decode task per item.
     # (from_items: blocks put by the driver; ray.data.range would add a read task holding a whole CPU)
     ds = ray.data.from_items([{"id": i} for i in range(n)], override_num_blocks=n)
     # One small task at a time expands epochs into items (a task per epoch at once would start a
     # worker process for each of the run's epochs).
-    stats = stats_actor(run_id=run_id)
     ds = ds.map_batches(_items_of_epoch, batch_size=1, num_cpus=0.01, compute=ray.data.TaskPoolStrategy(size=1),
                         fn_kwargs={"num_units": stream.num_units, "first_epoch": first_epoch,
-                                   "first_item": first_item, "run_id": run_id, "stats": stats})
+                                   "first_item": first_item, "position": position})
     ds = ds.repartition(target_num_rows_per_block=1)
     class_index = {c: i for i, c in enumerate(info.classes)} if (info.classes and info.kind == "images") else None
     fn = functools.partial(load_and_decode, uri=info.uri, units=units, stream=stream, start=(first_item, first_row),
-                           decode_batch_size=cfg.decode_batch_size, run_id=run_id, stats=stats,
+                           decode_batch_size=cfg.decode_batch_size, stats=stats, position=position,
                            read_retries=cfg.read_retries, output_block_rows=cfg.output_block_rows,
                            tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index, mode=cfg.decode)
     ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", **decode_task_args(cfg))

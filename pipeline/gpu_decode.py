@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .crops import crop_plan  # noqa: F401 (the task-side half, re-exported)
 from .decode import SkipImage, decode
+from .patchify import patchify
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -84,10 +85,6 @@ def decode_on_device(images: list[bytes], boxes: np.ndarray, flips: np.ndarray, 
             x = x.flip(-1)
         crops.append(x)
         keep.append(i)
-    h = S // p
-    if not crops:
-        return torch.empty((0, h * h, p * p * 3), dtype=torch.uint8, device=device), np.asarray(keep, np.int64), len(images)
-    x = torch.stack(crops).permute(0, 2, 3, 1)  # B, S, S, C
-    n = x.shape[0]
-    x = x.reshape(n, h, p, h, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(n, h * h, p * p * 3)
-    return x.contiguous(), np.asarray(keep, np.int64), len(images) - n
+    x = torch.stack(crops) if crops else torch.empty((0, 3, S, S), dtype=torch.uint8, device=device)
+    x = patchify(x, p)  # (B', 3, S, S) -> (B', L, p*p*3)
+    return x, np.asarray(keep, np.int64), len(images) - len(crops)

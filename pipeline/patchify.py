@@ -1,66 +1,55 @@
-"""The one definition of the patch layout (DESIGN.md "Batch" contract).
+"""The one definition of the patch layout (DESIGN.md "Batch" contract), used by every path: the
+CPU decode tasks (:mod:`pipeline.transforms`), the device decode (:mod:`pipeline.gpu_decode`) and
+the reconstruction pictures (:mod:`jobs.core.visualize`).
 
 Patches are in row-major grid order; each patch is flattened in ``(p, q, c)`` order, exactly as
 the official ``patchify``: ``x.reshape(N,3,h,p,w,p)`` -> ``einsum('nchpwq->nhwpqc')`` ->
-``reshape(N, h*w, p*p*3)``. Starting from HWC images (what PIL gives), that is a pure reshape +
-transpose, with no dtype change: uint8 stays uint8.
+``reshape(N, h*w, p*p*3)``. It is a reshape + permute with no dtype change: uint8 stays uint8.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
-def patchify(img: np.ndarray, patch_size: int) -> np.ndarray:
-    """img: (H, W, C) or (N, H, W, C) -> (L, p*p*C) or (N, L, p*p*C), L = (H/p)*(W/p)."""
-    batched = img.ndim == 4
-    x = img if batched else img[None]
-    n, H, W, C = x.shape
-    p = patch_size
+def _grid(H: int, W: int, p: int) -> tuple[int, int]:
     if H % p or W % p:
         raise ValueError(f"image of {H}x{W} is not divisible into {p}x{p} patches")
-    h, w = H // p, W // p
-    x = x.reshape(n, h, p, w, p, C).transpose(0, 1, 3, 2, 4, 5)  # n h w p q c
-    x = np.ascontiguousarray(x).reshape(n, h * w, p * p * C)
-    return x if batched else x[0]
+    return H // p, W // p
 
 
-def patchify_chw(img: torch.Tensor, patch_size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """img: tensor (C, H, W) -> array (L, p*p*C) in the same layout as :func:`patchify`, in one
-    strided copy (into ``out``, a contiguous (L, p*p*C) array, when given): about 2.5x faster
-    than going through a contiguous HWC image first."""
-    C, H, W = img.shape
+def patchify(imgs: torch.Tensor, patch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """imgs: (N, C, H, W) or (C, H, W), any dtype and device -> contiguous (N, L, p*p*C) or
+    (L, p*p*C) of the same dtype, L = (H/p)*(W/p).
+
+    In one strided copy, into ``out`` when given (a contiguous tensor of the result's shape and
+    dtype, e.g. ``torch.from_numpy`` of a row of a preallocated batch): no intermediate image."""
+    batched = imgs.ndim == 4
+    x = imgs if batched else imgs[None]
+    n, C, H, W = x.shape
     p = patch_size
-    if H % p or W % p:
-        raise ValueError(f"image of {H}x{W} is not divisible into {p}x{p} patches")
-    h, w = H // p, W // p
+    h, w = _grid(H, W, p)
+    src = x.reshape(n, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # n c h p w q -> n h w p q c
+    shape = (n, h * w, p * p * C) if batched else (h * w, p * p * C)
     if out is None:
-        out = torch.empty((h * w, p * p * C), dtype=img.dtype).numpy()
-    elif out.shape != (h * w, p * p * C) or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a contiguous ({h * w}, {p * p * C}) array, got {out.shape}")
-    dst = torch.from_numpy(out).view(h, w, p, p, C)
-    dst.copy_(img.reshape(C, h, p, w, p).permute(1, 3, 2, 4, 0))  # c h p w q -> h w p q c
+        return src.reshape(shape).contiguous()
+    if tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
+    out.view(n, h, w, p, p, C).copy_(src)
     return out
 
 
-def unpatchify(x, patch_size: int, grid: tuple[int, int] | None = None):
-    """(N, L, p*p*C) -> (N, H, W, C); works on numpy arrays and torch tensors."""
-    n, L, D = x.shape
+def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """The inverse of :func:`patchify`: x (N, L, p*p*C) or (L, p*p*C) -> (N, C, H, W) or (C, H, W),
+    same dtype, H = h*p, W = w*p for the grid (h, w) (default: square, h = w = sqrt(L))."""
+    batched = x.ndim == 3
+    y = x if batched else x[None]
+    n, L, D = y.shape
     p = patch_size
     C = D // (p * p)
     h, w = grid if grid else (int(round(L**0.5)),) * 2
-    if h * w != L:
-        raise ValueError(f"{L} patches do not form a {h}x{w} grid")
-    x = x.reshape(n, h, w, p, p, C)
-    if isinstance(x, torch.Tensor):
-        return x.permute(0, 1, 3, 2, 4, 5).reshape(n, h * p, w * p, C)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * p, w * p, C)
-
-
-def patchify_official(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """The official MAE ``patchify``, verbatim in meaning: imgs (N, 3, H, W) -> (N, L, p*p*3)."""
-    h = w = imgs.shape[2] // p
-    x = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(imgs.shape[0], h * w, p**2 * 3)
+    if h * w != L or C * p * p != D:
+        raise ValueError(f"{L} patches of {D} values do not form a {h}x{w} grid of {p}x{p} patches")
+    imgs = y.reshape(n, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # n h w p q c -> n c h p w q
+    imgs = imgs.reshape(n, C, h * p, w * p)
+    return imgs if batched else imgs[0]

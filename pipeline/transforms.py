@@ -19,7 +19,7 @@ from PIL import Image
 
 from .crops import TransformConfig, center_crop_box, random_resized_crop_params  # noqa: F401 (re-exported)
 from .decode import SkipImage, decode, displayed_size, open_image
-from .patchify import patchify_chw
+from .patchify import patchify
 
 # The crop is read, never written: torch's warning about the read-only numpy view is noise.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -62,8 +62,9 @@ def resize_crop_chw(img: Image.Image, box, out: int) -> torch.Tensor:
 
 def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator,
                     out: np.ndarray | None = None) -> np.ndarray:
-    """Encoded image -> uint8 patches (L, p*p*3), written into ``out`` when given (a row of the
-    batch: the resized pixels are copied once, flip and patch layout included). Raises SkipImage."""
+    """Encoded image -> uint8 patches (L, p*p*3), written into ``out`` when given (a contiguous
+    (L, p*p*3) uint8 array, a row of the batch: the resized pixels are copied once, flip and patch
+    layout included). Raises SkipImage."""
     S = cfg.img_size
     if cfg.train:
         def box(W, H):
@@ -77,4 +78,7 @@ def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator,
         a = a.flip(-1)
     if tuple(a.shape) != (3, S, S):
         raise SkipImage("corrupt", f"unexpected decoded shape {a.shape}")
-    return patchify_chw(a, cfg.patch_size, out)
+    if out is None:
+        return patchify(a, cfg.patch_size).numpy()
+    patchify(a, cfg.patch_size, out=torch.from_numpy(out))  # into the caller's array, no copy of it
+    return out

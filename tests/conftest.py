@@ -77,7 +77,7 @@ def ray_cluster(s3):
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs.core.common import forkserver_dirs, remove_dead_forkserver_dirs
+    from tmpclean import forkserver_dirs, remove_dead_forkserver_dirs
     before = forkserver_dirs()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",

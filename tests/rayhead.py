@@ -32,7 +32,7 @@ class RayHead:
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.gcs_port = free_port()
-        from jobs.core.common import forkserver_dirs
+        from tmpclean import forkserver_dirs
         self.forkserver_before = forkserver_dirs()  # its dashboard's pymp-* dir is removed by stop()
         cmd = [os.path.join(BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
@@ -105,5 +105,5 @@ class RayHead:
         psutil.wait_procs(alive, timeout=grace)
         import shutil
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-        from jobs.core.common import remove_dead_forkserver_dirs
+        from tmpclean import remove_dead_forkserver_dirs
         remove_dead_forkserver_dirs(self.forkserver_before)

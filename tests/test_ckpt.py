@@ -176,8 +176,12 @@ def test_timm_export_loads_strict_into_timm_vit_and_gives_the_same_features(run,
     ours.eval()
     img = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     from pipeline.patchify import patchify
+    from reference import official_patchify, patchify_hwc
+    x_ours = patchify(img.permute(0, 3, 1, 2), c.patch_size)  # the pipeline's layout
+    assert torch.equal(x_ours, official_patchify(img.permute(0, 3, 1, 2), c.patch_size))
+    assert torch.equal(x_ours, torch.from_numpy(patchify_hwc(img.numpy(), c.patch_size)))
     with torch.no_grad():
-        f_ours = ours.forward_features(torch.from_numpy(patchify(img.numpy(), c.patch_size)))["cls"]
+        f_ours = ours.forward_features(x_ours)["cls"]
         x = (img.float() / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
         f_timm = vit.forward_features(x.permute(0, 3, 1, 2))[:, 0]
     torch.testing.assert_close(f_ours, f_timm, rtol=1e-4, atol=1e-4)

@@ -87,7 +87,7 @@ def digits_shards(bucket, ray_cluster, tmp_path_factory):
 # The settings of bench/RESULTS.md ("Learning on real images"): 1000 steps of batch 32, lr 1e-3,
 # crops keeping >= 80% of the digit, no flips (a flipped digit is another glyph). One decode task:
 # on 2 cores, decode tasks free to run ahead took ~0.9 of a core from the trainer for the run's
-# first minute, then left it alone on one core (bench/RESULTS.md, eighth session: 271 -> 236 s).
+# first minute, then left it alone on one core (271 -> 236 s for this test).
 DIGITS = ["model.preset=mae_vit_micro_patch4", "data.crop_scale=[0.8,1.0]", "data.hflip=0", "train.batch_size=32",
           "train.max_steps=1000", "train.log_every=100", "train.ckpt_every=1000", "train.vis_images=0",
           "optim.lr=1e-3", "optim.warmup_steps=20", "optim.clip_grad=1.0", "scaling.num_workers=1",
@@ -114,7 +114,7 @@ def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_sha
     for res in (trained, rand):
         for key in ("knn_top1/cls", "knn_top1/mean", "linear_top1/cls", "linear_top1/mean"):
             assert 0.0 <= res[key] <= 1.0
-    # Measured here: k-NN +25 to +27 points on both features, linear +8 to +11 (bench/RESULTS.md)
+    # Measured on 2 cores: k-NN +25 to +27 points on both features, linear +8 to +11 (bench/RESULTS.md)
     for feat in ("cls", "mean"):
         assert trained[f"knn_top1/{feat}"] >= rand[f"knn_top1/{feat}"] + 0.10, (feat, trained, rand)
         assert trained[f"linear_top1/{feat}"] >= rand[f"linear_top1/{feat}"] + 0.03, (feat, trained, rand)

@@ -2,7 +2,7 @@
 at every step, a worker SIGKILLed mid-run, a resume with another worker count, and every storage
 request counted by the layer in front of the S3 server (tests/s3proxy.py).
 
-The rule under test (DESIGN.md, "Rules of scale"): the storage cost of a checkpoint is the same
+The rule under test (docs/design.md, "Rules of scale"): the storage cost of a checkpoint is the same
 for the 2nd and the 10th, because nothing on the save path lists or re-reads what earlier saves
 wrote."""
 
@@ -14,6 +14,7 @@ from conftest import scratch_dirs
 
 from jobs.core import checkpoint as ckpt
 from jobs.core.config import load
+from jobs.core.faults import ENV as FAULTS_ENV
 from jobs.core.launch import fit, run_dir_of
 from pipeline.prepare import PrepareConfig, prepare
 from jobs.core.optim import lr_at
@@ -67,7 +68,7 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
     return out
 
 
-def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_cluster, labeled_dir):
+def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_cluster, labeled_dir, monkeypatch):
     shards = f"s3://{bucket}/many-shards"
     m = prepare(PrepareConfig(src=labeled_dir, dst=shards, shard_size_mb=0.005, val_fraction=0.0,
                           shared_fs=True), progress=False)  # the simulated nodes share one disk
@@ -77,11 +78,12 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
               "train.ckpt_every=1", "train.keep_last=1", "train.best_metric=", "train.vis_images=0",
               "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0",
               f"run.storage_path=s3://{bucket}/runs", "run.name=long", "run.max_failures=2"]
-    cfg = load(None, [*common, "train.max_steps=12", "scaling.num_workers=2", "scaling.strategy=fsdp",
-                      "train.crash_at_step=6", "train.crash_in_upload=true"])
+    cfg = load(None, [*common, "train.max_steps=12", "scaling.num_workers=2", "scaling.strategy=fsdp"])
     mark = s3.proxy.mark()
     before = scratch_dirs()
-    result, plan = fit(cfg)
+    with monkeypatch.context() as mp:  # the test-only fault hook (jobs.core.faults), read by the driver
+        mp.setenv(FAULTS_ENV, json.dumps({"crash_at_step": 6, "crash_in_upload": True}))
+        result, plan = fit(cfg)
     assert result.error is None
     run = run_dir_of(cfg)
     assert read_bytes(f"{run}/crash_injected") == b"1"  # rank 1 was killed uploading checkpoint 6 ...
@@ -114,7 +116,7 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
     # the images seen go on as if nothing had changed
     more = load(None, [*common, "train.max_steps=14", "scaling.num_workers=1"])
     result, plan = fit(more)
-    assert result.error is None and plan["accum_steps"] == 2 and plan["global_batch"] == 16
+    assert result.error is None and plan.accum_steps == 2 and plan.global_batch == 16
     m = [json.loads(x) for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in m] == list(range(1, 15))  # went on at 13 (not 100), with 1 worker
     peak = 0.02 * 16 / 256

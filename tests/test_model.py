@@ -9,7 +9,8 @@ from mae_model import (PRESETS, ConfigError, MAEConfig, MaskedAutoencoder, Offic
                        to_official_state_dict)
 from mae_model.official import conv_to_linear
 from mae_model.pos_embed import get_2d_sincos_pos_embed
-from pipeline.patchify import patchify, patchify_official, unpatchify
+from pipeline.patchify import patchify, unpatchify
+from reference import official_patchify, official_unpatchify, patchify_hwc, unpatchify_hwc
 
 
 def micro(**kw):
@@ -139,10 +140,11 @@ def test_norm_pix_loss_target_against_direct_computation():
 def test_input_normalization_is_imagenet_per_channel():
     m = micro()
     x = batch(m.config)
-    imgs = unpatchify(x, 4).float() / 255  # (N, H, W, C)
-    mean = torch.tensor([0.485, 0.456, 0.406])
-    std = torch.tensor([0.229, 0.224, 0.225])
-    expected = patchify_official(((imgs - mean) / std).permute(0, 3, 1, 2), 4)
+    imgs = unpatchify(x, 4).float() / 255  # (N, C, H, W)
+    assert torch.equal(unpatchify(x, 4), official_unpatchify(x, 4))
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    expected = official_patchify((imgs - mean) / std, 4)
     assert torch.allclose(m.normalize(x), expected, atol=1e-6)
     assert torch.allclose(m.normalize(x), m.normalize(x.float() / 255), atol=1e-6)
 
@@ -154,14 +156,34 @@ def test_patch_layout_on_hand_built_image():
         for x in range(H):
             for c in range(3):
                 img[y, x, c] = 100 * c + 10 * y + x  # value encodes (row, col, channel)
-    patches = patchify(img, p)
-    assert patches.shape == (4, p * p * 3) and patches.dtype == np.uint8
+    chw = torch.from_numpy(img).permute(2, 0, 1)
+    patches = patchify(chw, p)
+    assert patches.shape == (4, p * p * 3) and patches.dtype == torch.uint8 and patches.is_contiguous()
     # patch 1 is the top-right one (row-major grid); inside it (p, q, c) with c fastest
-    assert list(patches[1][:6]) == [2, 102, 202, 3, 103, 203]
-    assert list(patches[2][6:9]) == [30, 130, 230]  # bottom-left patch, second row (p=1), q=0
-    official = patchify_official(torch.from_numpy(img).permute(2, 0, 1)[None].long(), p)[0]
-    assert torch.equal(torch.from_numpy(patches).long(), official)
-    assert np.array_equal(unpatchify(patches[None], p)[0], img)
+    assert patches[1][:6].tolist() == [2, 102, 202, 3, 103, 203]
+    assert patches[2][6:9].tolist() == [30, 130, 230]  # bottom-left patch, second row (p=1), q=0
+    official = official_patchify(chw[None].long(), p)[0]
+    assert torch.equal(patches.long(), official)
+    assert np.array_equal(patches.numpy(), patchify_hwc(img, p))
+    assert torch.equal(patchify(chw[None], p)[0], patches)  # batched: the same rows
+    assert torch.equal(unpatchify(patches, p), chw) and torch.equal(unpatchify(patches[None], p)[0], chw)
+    assert np.array_equal(unpatchify_hwc(patches[None].numpy(), p)[0], img)
+    # into a preallocated row (what the decode tasks do): the same bytes, in place
+    out = torch.zeros((2, 4, p * p * 3), dtype=torch.uint8)
+    row = out[1]
+    assert patchify(chw, p, out=row) is row
+    assert torch.equal(out[1], patches) and not out[0].any()
+    with pytest.raises(ValueError, match="not divisible"):
+        patchify(chw[:, :3], p)
+
+
+def test_patchify_non_square_and_float_round_trip():
+    imgs = torch.rand(2, 3, 8, 12)
+    x = patchify(imgs, 4)
+    assert x.shape == (2, 6, 48) and x.dtype == imgs.dtype
+    assert torch.equal(unpatchify(x, 4, grid=(2, 3)), imgs)
+    hwc = imgs.permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(x.numpy(), patchify_hwc(hwc, 4))
 
 
 def test_init_matches_official_recipe():
@@ -225,7 +247,8 @@ def test_official_conv_patch_embed_equals_linear():
     torch.nn.init.normal_(conv.weight)
     imgs = torch.rand(2, 3, 32, 32)
     ref = conv(imgs).flatten(2).transpose(1, 2)  # (N, L, D): the official PatchEmbed
-    lin = torch.nn.functional.linear(patchify_official(imgs, 4), conv_to_linear(conv.weight), conv.bias)
+    lin = torch.nn.functional.linear(official_patchify(imgs, 4), conv_to_linear(conv.weight), conv.bias)
+    assert torch.equal(patchify(imgs, 4), official_patchify(imgs, 4))
     assert torch.allclose(ref, lin, atol=1e-5)
     del m
 

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import upload_dir
-from pipeline.dataset import DataConfig, build_dataset, pipeline_stats, stats_actor
+from pipeline.config import DataConfig
+from pipeline.dataset import build_dataset
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.sources import resolve
+from pipeline.stats import pipeline_stats, stats_actor
 from pipeline.storage import StorageError, list_files, read_bytes
 from pipeline.synthetic import CLASSES, odd_images, write_labeled_folder
 
@@ -113,6 +115,30 @@ def test_every_valid_image_once_per_epoch_across_two_consumers(prepared):
         expected_labels = {CLASSES[i] for i in range(4)}
         assert {m["classes"][truth_lab] for _, truth_lab in truth.values()} == expected_labels
     assert pipeline_stats()["ok"] == 2 * len(truth)
+
+
+def test_a_position_set_on_the_runs_position_actor_moves_the_start(prepared):
+    """What a restarted worker group does: its rank 0 sets the checkpoint's (item, row) on the run's
+    position actor after the driver built the dataset, before iterating; the stream then starts
+    there (the units before it are never read), not at the driver's start."""
+    import ray
+    from pipeline.stats import release_stats_actor
+    from pipeline.stream import position_actor, release_position_actor
+    dst, m, _ = prepared
+    run_id = "test-position-run"
+    cfg = DataConfig(source=dst, split="train", img_size=32, patch_size=4, augment=False,
+                     decode_batch_size=4, rows_per_unit=6, deterministic=True)
+    try:
+        ds, _, stream = build_dataset(cfg, run_id=run_id)
+        assert stream.num_units > 2
+        consumed = stream.unit_rows[0] + stream.unit_rows[1] + 1  # two whole units and one row
+        ray.get(position_actor(run_id).set.remote(*stream.locate(consumed)))
+        assert tuple(ray.get(position_actor(run_id).get.remote())) == (2, 1)
+        rows = sum(len(b["patches"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
+        assert rows == stream.rows_per_epoch - consumed
+    finally:
+        release_position_actor(run_id)
+        release_stats_actor(run_id)
 
 
 def test_image_folder_source_skips_and_counts_bad_files(src_dir, bucket, ray_cluster):

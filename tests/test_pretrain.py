@@ -13,6 +13,7 @@ from conftest import scratch_dirs
 
 from jobs.core import checkpoint as ckpt
 from jobs.core.config import load
+from jobs.core.faults import ENV as FAULTS_ENV
 from jobs.core.launch import fit, run_dir_of
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.storage import fsspec_fs, list_files, read_bytes
@@ -122,7 +123,7 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     full = torch.load(str(tmp_path / "full.pt"), weights_only=True)
     assert full["model"]["cls_token"].shape[-1] == cfg.model.build().embed_dim and "optim" in full
     st = ckpt.read_train_state(cks[-1]["uri"])
-    assert st["images_seen"] == 16 * plan["global_batch"]  # the data position, in images
+    assert st["images_seen"] == 16 * plan.global_batch  # the data position, in images
     files = {p.rsplit("/", 1)[-1] for p, _ in list_files(run)}
     assert {"metrics.jsonl", "config.yaml", "reconstruction_latest.png", "checkpoints.json"} <= files
     # the two workers ran on two nodes
@@ -133,11 +134,14 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in saved
     # the workers' scratch directories went with the attempt
     assert scratch_dirs() <= tiny["scratch_before"]
-    # and the run's pipeline counters actor with the run (a driver running many fits kept one per run)
-    from pipeline.dataset import _actor_name
+    # and the run's pipeline counters and stream-position actors with the run (a driver running
+    # many fits kept them per run)
+    from pipeline.stats import _actor_name
     from pipeline.storage import Store
+    from pipeline.stream import _position_name
     from ray.util.state import list_actors
-    assert not list_actors(filters=[("name", "=", _actor_name(str(Store(run)))), ("state", "=", "ALIVE")])
+    for name in (_actor_name(str(Store(run))), _position_name(str(Store(run)))):
+        assert not list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")]), name
     # Ctrl-C is the driver's own again after the run (Train V2 left its handler, which aborts the
     # finished run's controller and kept that controller and its dataset actors alive) ...
     assert tiny["sigint"][1] is tiny["sigint"][0]
@@ -152,7 +156,7 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     assert not alive_controllers()
 
 
-def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, bucket):
+def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, bucket, monkeypatch):
     """1 worker, deterministic order: a run stopped at step 7 and started again, whose worker is
     then SIGKILLed in its second epoch (the group restarts from checkpoint 14), reproduces the
     uninterrupted run's losses: same batches, crops, masks and schedule, across the epoch boundary."""
@@ -161,12 +165,16 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     full = config(shards, bucket, "exact-full", *common)
     result, plan = fit(full)
     assert result.error is None
-    assert 16 * plan["global_batch"] > plan["rows"]  # the run crosses into a second epoch
-    part = config(shards, bucket, "exact-resumed", *common, "train.stop_after_steps=7")
-    assert fit(part)[0].error is None
+    assert 16 * plan.global_batch > plan.rows  # the run crosses into a second epoch
+    part = config(shards, bucket, "exact-resumed", *common)
+    with monkeypatch.context() as mp:  # the test-only fault hook (jobs.core.faults), read by the driver
+        mp.setenv(FAULTS_ENV, json.dumps({"stop_after_steps": 7}))
+        assert fit(part)[0].error is None
     assert ckpt.latest_complete(run_dir_of(part))["step"] == 7
-    again = config(shards, bucket, "exact-resumed", *common, "train.crash_at_step=15")
-    assert fit(again)[0].error is None
+    again = part
+    with monkeypatch.context() as mp:
+        mp.setenv(FAULTS_ENV, json.dumps({"crash_at_step": 15}))
+        assert fit(again)[0].error is None
     assert read_bytes(f"{run_dir_of(again)}/crash_injected") == b"1"  # the kill happened
     a = {r["step"]: r for r in metrics_of(full)}
     m = metrics_of(again)
@@ -186,7 +194,7 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     # run held for minutes to report one line)
     earlier = set(actors("RayTrainWorker"))
     done, plan = fit(again)
-    assert done.error is None and done.metrics["step"] == 16 and plan["finished"]
+    assert done.error is None and done.metrics["step"] == 16 and plan.finished
     assert done.metrics["loss"] == pytest.approx(b[16]["loss"], rel=1e-9)
     assert done.checkpoint.path.endswith("exact-resumed/checkpoint_00000016")
     assert set(actors("RayTrainWorker")) == earlier

@@ -254,7 +254,7 @@ def test_stopping_the_head_stops_its_processes_and_no_other_ray(head, ray_cluste
     others = [p.pid for p in psutil.process_iter(["cmdline"])
               if any("raylet" in a or "gcs_server" in a for a in (p.info["cmdline"] or [])) and p.pid not in mine]
     assert others  # the shared cluster's
-    from jobs.core.common import forkserver_dirs
+    from tmpclean import forkserver_dirs
     made = forkserver_dirs() - head.forkserver_before  # the head dashboard's pymp-* dir, the shared cluster's
     head.stop()
     assert not [p for p in mine if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

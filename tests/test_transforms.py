@@ -11,6 +11,7 @@ from pipeline.decode import SkipImage, decode
 from pipeline.patchify import patchify, unpatchify
 from pipeline.synthetic import encode, odd_images, pattern
 from pipeline.transforms import TransformConfig, random_resized_crop_params, transform_image
+from reference import patchify_hwc
 
 
 def test_random_resized_crop_bounds_over_many_draws():
@@ -42,10 +43,12 @@ def test_patchify_then_unpatchify_returns_the_crop():
     import torch
     import torchvision.transforms.v2.functional as TF
     x = torch.from_numpy(img).permute(2, 0, 1)
-    expected = TF.resized_crop(x, t, l, h, w, [32, 32], interpolation=TF.InterpolationMode.BICUBIC,
-                               antialias=True).permute(1, 2, 0).numpy()
-    assert np.array_equal(unpatchify(patches[None], 8)[0], expected)
-    assert np.array_equal(patchify(expected, 8), patches)
+    crop = TF.resized_crop(x, t, l, h, w, [32, 32], interpolation=TF.InterpolationMode.BICUBIC,
+                           antialias=True)  # (3, 32, 32)
+    expected = crop.permute(1, 2, 0).numpy()
+    assert torch.equal(unpatchify(torch.from_numpy(patches), 8), crop)
+    assert np.array_equal(patchify(crop, 8).numpy(), patches)
+    assert np.array_equal(patchify_hwc(expected, 8), patches)  # the reference layout, from HWC
     # and it is PIL's antialiased bicubic up to rounding
     pil = np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC, box=(l, t, l + w, t + h)))
     assert np.abs(pil.astype(int) - expected.astype(int)).mean() < 1.5
@@ -54,7 +57,7 @@ def test_patchify_then_unpatchify_returns_the_crop():
     flip = TransformConfig(img_size=32, patch_size=8, train=True, hflip=1.0, reduced_decode=False)
     batch = np.zeros((2, 16, 8 * 8 * 3), np.uint8)
     transform_image(data, flip, np.random.default_rng(5), out=batch[1])
-    assert np.array_equal(batch[1], patchify(np.ascontiguousarray(expected[:, ::-1]), 8)) and not batch[0].any()
+    assert np.array_equal(batch[1], patchify_hwc(np.ascontiguousarray(expected[:, ::-1]), 8)) and not batch[0].any()
 
 
 def test_eval_transform_is_deterministic_center_crop():

@@ -1,8 +1,8 @@
 """The torch process group of a run, set up from processes that never import torch.
 
 ``TorchTrainer`` carries Ray's ``TorchConfig``, whose module imports torch at its top. The trainer
-object travels to the Train controller actor, so that process imports torch (~4-5 CPU-s per run,
-measured here) only to tell the workers to connect.
+object travels to the Train controller actor, so that process imports torch (~4-5 CPU-s per run
+on 2 cores) only to tell the workers to connect.
 :class:`ProcessGroupConfig` drives the same steps as Ray's torch backend, in the same order, from
 a module without torch: the steps themselves are Ray's own functions, imported and run on the
 workers, where torch is loaded anyway. Used with ``ray.train.v2``'s ``DataParallelTrainer``.

@@ -37,68 +37,6 @@ def failure_line(e: BaseException) -> str:
     return redact(f"{where}{type(err).__name__}: {lines[0] if lines else ''}".strip())
 
 
-def forkserver_dirs() -> set[str]:
-    """multiprocessing's temp dirs (``pymp-*``) in this process's temp dir."""
-    import glob
-    import tempfile
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*")))
-
-
-def _listening_unix_paths() -> set[str] | None:
-    """Paths of the unix sockets some live process has bound (Linux); None where it cannot be told."""
-    try:
-        with open("/proc/net/unix") as f:
-            next(f)
-            # 8th column: the path, last and unquoted (it may hold spaces); absent for unnamed sockets
-            return {parts[7] for parts in (line.rstrip("\n").split(None, 7) for line in f) if len(parts) == 8}
-    except (OSError, StopIteration):
-        return None
-
-
-def remove_dead_forkserver_dirs(before: set[str], wait: float = 5.0) -> list[str]:
-    """Remove the ``pymp-*`` dirs made since ``before`` that hold only the listener sockets of
-    forkservers no longer running; -> the dirs removed.
-
-    Ray's dashboard runs its modules under a multiprocessing forkserver, whose temp dir (holding
-    the server's ``listener-*`` socket) is removed by an exit handler that a dashboard stopped with
-    its Ray never runs: every Ray started with a dashboard left one in the temp dir. A dir whose
-    socket a live process still has bound (in /proc/net/unix) is never touched; the stopped Ray's
-    processes may take a moment to go, so this waits up to ``wait`` seconds for them."""
-    import shutil
-    import time
-    deadline = time.monotonic() + wait
-    pending, removed = forkserver_dirs() - before, []
-    while pending:
-        live = _listening_unix_paths()
-        if live is None:
-            break
-        for d in sorted(pending):
-            try:
-                names = os.listdir(d)
-            except OSError:
-                pending.discard(d)
-                continue
-            if not names or not all(n.startswith("listener-") for n in names):
-                pending.discard(d)  # not (or not yet) a forkserver's: left alone
-            elif not any(os.path.join(d, n) in live for n in names):
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d)
-                pending.discard(d)
-        if pending and time.monotonic() < deadline:
-            time.sleep(0.2)
-        else:
-            break
-    return removed
-
-
-def _stop_local_ray(before: set[str]) -> None:
-    """At exit of the process that started a local Ray: stop it, then remove what its dashboard
-    leaves in the temp dir (see :func:`remove_dead_forkserver_dirs`)."""
-    import ray
-    ray.shutdown()
-    remove_dead_forkserver_dirs(before)
-
-
 def init_ray(address: str | None = None, num_cpus: float | None = None, **kw):
     """Connect to ``address`` (or ``RAY_ADDRESS``; ``auto`` for a Ray already running here); else
     start a new local single-node Ray on 127.0.0.1 with at least ``num_cpus`` logical CPUs (what the job's trainers and its data
@@ -145,11 +83,8 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kw):
         cpus = max(int(have), math.ceil(num_cpus or 0))
         # address="local": a new Ray of this job's own, never a silent connection to some other
         # Ray found running on the machine (RAY_ADDRESS=auto asks for that one)
-        before = forkserver_dirs()
         ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", **kw)
-        import atexit
-        atexit.register(_stop_local_ray, before)  # runs before Ray's own exit handler (registered at import)
     return ray
 
 

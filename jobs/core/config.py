@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from mae_model.config import PRESETS, ConfigError, MAEConfig, get_preset
-from pipeline.dataset import DataConfig
+from pipeline.config import DataConfig
 
 
 def _f(default, help_: str, **kw):
@@ -41,7 +41,7 @@ class OptimSection:
     base_lr: float = _f(1.5e-4, "base learning rate; lr = base_lr * global_batch / 256 (paper)")
     lr: float = _f(0.0, "absolute learning rate; overrides base_lr when > 0")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
-    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, pos embeddings, tokens)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases and norms; the cls and mask tokens are decayed, as in the official code)")
     betas: list = _f([0.9, 0.95], "AdamW betas")
     warmup_epochs: float = _f(40.0, "linear warmup length in epochs (per-step schedule)")
     warmup_steps: int = _f(-1, "warmup length in optimizer steps; overrides warmup_epochs when >= 0")
@@ -75,11 +75,6 @@ class TrainSection:
     reshard_after_forward: bool = _f(True, "FSDP2: free gathered params after forward (less memory)")
     compile: bool = _f(False, "torch.compile each transformer block before sharding (GPU; the first steps "
                               "pay the compile)")
-    stop_after_steps: int = _f(-1, "testing aid: return cleanly after this many steps of this attempt")
-    crash_at_step: int = _f(-1, "testing aid: SIGKILL rank 1 once at this step, once the last save is complete "
-                                "(fault-tolerance tests)")
-    crash_in_upload: bool = _f(False, "testing aid: with crash_at_step (a checkpoint step), SIGKILL rank 1 in its "
-                                      "upload of that checkpoint, before its shard lands")
 
 
 @dataclass
@@ -266,29 +261,6 @@ def describe() -> str:
         lines.append(f"\n{section}:")
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_ = f.metadata.get("help") or DATA_HELP.get(f.name, "")
+            help_ = f.metadata.get("help", "")
             lines.append(f"  {section}.{f.name} = {json.dumps(default)}\n      {help_}")
     return "\n".join(lines)
-
-
-DATA_HELP = {
-    "source": "URI of prepared shards (mae prepare) or of an image folder",
-    "split": "split of prepared shards to train on",
-    "img_size": "set from the model",
-    "patch_size": "set from the model",
-    "augment": "RandomResizedCrop(scale 0.2-1) + flip (else resize + center crop)",
-    "seed": "seed of file order, local shuffle and augmentations",
-    "shuffle": "reshuffle file order each epoch + a local shuffle buffer",
-    "shuffle_buffer": "rows in the trainer-side local shuffle buffer",
-    "val_fraction": "image folders: hash split held out for validation pictures",
-    "decode_batch_size": "images per decode call (and per output block)",
-    "rows_per_unit": "images per read unit: one task reads and decodes one unit",
-    "decode_concurrency": "max parallel decode tasks (null: Ray Data decides)",
-    "decode_cpus": "CPUs reserved per decode task",
-    "read_retries": "retries, with backoff, of a failed storage read (throttled, reset) before the run fails",
-    "max_data_cpus": "cap on CPUs Ray Data may use (null: all not used by training)",
-    "prefetch_batches": "batches prefetched by each training worker",
-    "reduced_decode": "JPEG DCT-scaled decode when the crop allows",
-    "max_pixels": "skip images with more pixels (decompression bombs)",
-    "deterministic": "preserve order, no shuffles (exact-resume comparisons)",
-}

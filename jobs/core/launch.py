@@ -19,6 +19,8 @@ import numpy as np
 from jobs.core import checkpoint as ckpt
 from jobs.core.common import RunFailed, UserError, failure_line
 from jobs.core.config import PretrainConfig
+from jobs.core.faults import Faults
+from jobs.core.plan import RunPlan
 from pipeline.dataset import build_dataset
 from pipeline.sources import SourceInfo, resolve
 from pipeline.storage import (Store, check_visible_to_cluster, fsspec_fs, parse_uri, pyarrow_fs, read_bytes,
@@ -152,7 +154,7 @@ def batch_plan(cfg: PretrainConfig, resumed: dict | None) -> tuple[int, int]:
     return saved, saved // per_step
 
 
-def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: dict | None = None) -> dict:
+def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: dict | None = None) -> RunPlan:
     from jobs.core.optim import scaled_lr
 
     mcfg = cfg.model.build()
@@ -177,25 +179,40 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: d
     if imgs is not None:
         rng = np.random.default_rng(cfg.train.seed + 12345)
         vis = {"patches": imgs, "noise": rng.random((len(imgs), mcfg.num_patches)).astype(np.float32)}
-    return {"run_dir": run_dir_of(cfg), "global_batch": global_batch, "accum_steps": accum,
-            "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup, "peak_lr": peak,
-            "precision": precision, "flops_per_image": mcfg.train_flops_per_image(), "rows": rows,
-            "t_launch": t_launch, "config_yaml": cfg.to_yaml(), "vis": vis,
-            "probe": None if finished else probe_data(cfg), "finished": finished}
+    return RunPlan(run_dir=run_dir_of(cfg), global_batch=global_batch, accum_steps=accum,
+                   steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup, peak_lr=peak,
+                   precision=precision, flops_per_image=mcfg.train_flops_per_image(), rows=rows,
+                   t_launch=t_launch, config_yaml=cfg.to_yaml(), finished=finished, vis=vis,
+                   probe=None if finished else probe_data(cfg), faults=Faults.from_env())
 
 
 def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None,
         check_cpus: bool = True):
-    """Build and run the Ray Train run. Returns (ray.train.Result, plan)."""
-    import ray.train
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from jobs.core.backend import ProcessGroupConfig
-    from jobs.core.common import check_data_cpus
-    from jobs.core.worker import train_loop_per_worker
-    from pipeline.dataset import release_stats_actor, stats_actor
+    """Prepare the run, announce it, build the Ray Train run and fit it. -> (ray.train.Result, RunPlan)."""
+    from pipeline.stats import release_stats_actor
+    from pipeline.stream import release_position_actor
 
     t_launch = t_launch or time.time()
+    run, latest, resumed, plan, info = prepare_run(cfg, t_launch, check_cpus)
+    if plan.finished:  # started again (a resubmitted job, a relaunched Tune trial): nothing to train
+        return finished_result(run, latest, resumed, plan, verbose), plan
+    start = resumed.get("images_seen", resumed["step"] * plan.global_batch) if resumed else 0
+    ds, plan = build_stream(cfg, plan, info, run, start)
+    # Save the resolved config with the run (credentials never appear in it: they are not config).
+    run.write("config.yaml", cfg.to_yaml().encode())
+    if verbose:
+        announce(cfg, plan, run, latest, start)
+    try:
+        return fit_keeping_sigint(build_trainer(cfg, plan, ds, callbacks)), plan
+    finally:
+        release_stats_actor(str(run))
+        release_position_actor(str(run))
+
+
+def prepare_run(cfg: PretrainConfig, t_launch: float, check_cpus: bool):
+    """Checks before anything starts, the run's last complete checkpoint and the plan.
+    -> (run store, latest checkpoint entry or None, its train state or None, plan, source info)."""
+    from jobs.core.common import check_data_cpus
     if check_cpus:  # off in a Tune trial: `mae tune` checked that a whole trial fits
         check_data_cpus(*cpu_needs(cfg), what=f"run {cfg.run.name}")
     check_visible_to_cluster(paths_of(cfg), shared_fs=cfg.run.shared_fs, setting="run.shared_fs=true")
@@ -205,36 +222,46 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     if run.exists("FAILED.json"):
         run.rm(["FAILED.json"])  # a new attempt resumes from the last good checkpoint
     info = resolve(cfg.data.source, cfg.data.split, cfg.data.val_fraction, cfg.data.seed)
-    plan = make_plan(cfg, info, t_launch, resumed)
-    if plan["finished"]:  # started again (a resubmitted job, a relaunched Tune trial): nothing to train
-        return finished_result(run, latest, resumed, plan, verbose), plan
-    start = resumed.get("images_seen", resumed["step"] * plan["global_batch"]) if resumed else 0
-    # One stream for the rest of the run, plus spare epochs (2%, at least one) for images skipped
-    # as corrupt: they are rows of the stream that yield no image.
-    epochs = math.ceil(max(0, plan["total_steps"] * plan["global_batch"] - start) / plan["rows"])
+    return run, latest, resumed, make_plan(cfg, info, t_launch, resumed), info
+
+
+def build_stream(cfg: PretrainConfig, plan: RunPlan, info: SourceInfo, run: Store, start: int):
+    """The dataset from image ``start`` on: one stream for the rest of the run, plus spare epochs
+    (2%, at least one) for images skipped as corrupt (rows of the stream that yield no image).
+    -> (dataset, the plan with the stream and its resume-position actor)."""
+    from pipeline.stream import position_actor
+    epochs = math.ceil(max(0, plan.total_steps * plan.global_batch - start) / plan.rows)
     epochs += max(1, math.ceil(0.02 * epochs))
-    ds, info, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
-    plan.update(stream={"unit_rows": stream.unit_rows, "seed": stream.seed, "shuffle": stream.shuffle},
-                stats_actor=stats_actor(run_id=str(run)))
-    # Save the resolved config with the run (credentials never appear in it: they are not config).
-    run.write("config.yaml", cfg.to_yaml().encode())
-    if verbose:
-        accum = (f", accum {plan['accum_steps']} (keeps the saved global batch)"
-                 if plan["accum_steps"] != cfg.optim.accum_steps else "")
-        print(f"[mae] run {run}: {plan['rows']} images, global batch {plan['global_batch']}{accum}, "
-              f"{plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), warmup {plan['warmup_steps']}, "
-              f"peak lr {plan['peak_lr']:.3g}, {cfg.scaling.num_workers} workers, {plan['precision']}"
-              + (f"; resuming from {latest['uri']} ({start} images seen)" if latest else ""), flush=True)
-        if cfg.data.decode == "gpu" and not cfg.scaling.use_gpu:
-            print("[mae] data.decode=gpu without GPUs: the training workers decode on their CPUs (slower than "
-                  "data.decode=cpu; meant for tests)", flush=True)
+    ds, _, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
+    return ds, plan.with_stream(stream, position_actor(run_id=str(run)))
+
+
+def announce(cfg: PretrainConfig, plan: RunPlan, run: Store, latest: dict | None, start: int) -> None:
+    accum = (f", accum {plan.accum_steps} (keeps the saved global batch)"
+             if plan.accum_steps != cfg.optim.accum_steps else "")
+    print(f"[mae] run {run}: {plan.rows} images, global batch {plan.global_batch}{accum}, "
+          f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch), warmup {plan.warmup_steps}, "
+          f"peak lr {plan.peak_lr:.3g}, {cfg.scaling.num_workers} workers, {plan.precision}"
+          + (f"; resuming from {latest['uri']} ({start} images seen)" if latest else ""), flush=True)
+    if cfg.data.decode == "gpu" and not cfg.scaling.use_gpu:
+        print("[mae] data.decode=gpu without GPUs: the training workers decode on their CPUs (slower than "
+              "data.decode=cpu; meant for tests)", flush=True)
+
+
+def build_trainer(cfg: PretrainConfig, plan: RunPlan, ds, callbacks=None):
+    """The Ray Train run: every worker runs :func:`jobs.core.worker.train_loop_per_worker`, with
+    TorchTrainer's process-group setup from a config that keeps torch out of the controller."""
+    import ray.train
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from jobs.core.backend import ProcessGroupConfig
+    from jobs.core.worker import train_loop_per_worker
 
     storage_fs, storage_root = pyarrow_fs(cfg.run.storage_path)
     if parse_uri(cfg.run.storage_path).scheme == "file":
         os.makedirs(storage_root, exist_ok=True)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
-    # TorchTrainer's process-group setup, from a config that keeps torch out of the controller
-    trainer = DataParallelTrainer(
+    return DataParallelTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "plan": plan},
         backend_config=ProcessGroupConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -247,31 +274,35 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
         datasets={"train": ds},
     )
-    # Train V2's fit() installs a Ctrl-C handler (in the main thread) that aborts its controller and
-    # leaves it installed: after the run, the first two Ctrl-C of the process (the next cell of a
-    # notebook, `mae demo` evaluating) only aborted the finished controller and the third exited the
-    # process; the handler's reference kept that controller and its dataset actors alive, ~1% of a
-    # core each, until the next fit.
+
+
+def fit_keeping_sigint(trainer):
+    """``trainer.fit()``, with the process's Ctrl-C handler as it was before.
+
+    Train V2's fit() installs a Ctrl-C handler (in the main thread) that aborts its controller and
+    leaves it installed: after the run, the first two Ctrl-C of the process (the next cell of a
+    notebook, `mae demo` evaluating) only aborted the finished controller and the third exited the
+    process; the handler's reference kept that controller and its dataset actors alive, ~1% of a
+    core each, until the next fit."""
+    import ray.train
     sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
-        result = trainer.fit()  # Train V2 raises when the run fails after its retries
+        return trainer.fit()  # Train V2 raises when the run fails after its retries
     except ray.train.TrainingFailedError as e:
         raise RunFailed(failure_line(e)) from None
     finally:
         if sigint is not None:
             signal.signal(signal.SIGINT, sigint)
-        release_stats_actor(str(run))
-    return result, plan
 
 
-def finished_result(run: Store, latest: dict, state: dict, plan: dict, verbose: bool):
+def finished_result(run: Store, latest: dict, state: dict, plan: RunPlan, verbose: bool):
     """The result of a run that already reached its last step, read from its newest complete
     checkpoint: no worker group is started for it (on a cluster, that is every GPU of the run held
     for minutes to report one line). The metrics are those its last checkpoint saved."""
     import ray.train
     metrics = {**(state.get("metrics") or {}), "step": state["step"]}
     if verbose:
-        print(f"[mae] run {run}: already reached step {state['step']} of {plan['total_steps']} "
+        print(f"[mae] run {run}: already reached step {state['step']} of {plan.total_steps} "
               f"({latest['uri']}); nothing to train", flush=True)
     fs, root = pyarrow_fs(latest["uri"])
     return ray.train.Result(metrics=metrics, checkpoint=ray.train.Checkpoint(root, filesystem=fs), error=None,

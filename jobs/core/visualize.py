@@ -31,7 +31,8 @@ def reconstruction_grid(model, patches: torch.Tensor, noise: torch.Tensor) -> np
     gray = torch.full_like(orig, 0.5)
     masked = orig * (1 - m) + gray * m
     pasted = orig * (1 - m) + rec * m
-    cols = [unpatchify(x.cpu(), cfg.patch_size) for x in (orig, masked, rec, pasted)]  # (N,S,S,3)
+    cols = [unpatchify(x.cpu(), cfg.patch_size).permute(0, 2, 3, 1)  # (N, 3, S, S) -> (N, S, S, 3)
+            for x in (orig, masked, rec, pasted)]
     rows = torch.cat(cols, dim=2)  # (N, S, 4S, 3)
     img = rows.reshape(-1, rows.shape[2], 3)
     return (img.numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)

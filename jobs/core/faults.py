@@ -1,0 +1,58 @@
+"""Fault injection for the fault-tolerance tests: not a user setting, off the hot path when unset.
+
+The driver reads ``MAE_TEST_FAULTS`` (JSON) from its own environment and hands it to the workers
+in the plan (:class:`jobs.core.plan.RunPlan`), so a test sets it with ``monkeypatch.setenv``
+around one ``fit`` call. Keys:
+
+- ``crash_at_step``: SIGKILL rank 1 once at this step, once the last save is complete on every
+  rank (so the restart point is known: that checkpoint);
+- ``crash_in_upload``: with ``crash_at_step`` (a checkpoint step), SIGKILL rank 1 inside its
+  upload of that checkpoint instead, before its shard lands;
+- ``stop_after_steps``: return cleanly after this many steps of the attempt (a stopped job).
+
+"Once" is per run: the victim leaves ``crash_injected`` in the run directory before it dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass, fields
+
+ENV = "MAE_TEST_FAULTS"
+MARK = "crash_injected"
+
+
+@dataclass(frozen=True)
+class Faults:
+    crash_at_step: int = -1
+    crash_in_upload: bool = False
+    stop_after_steps: int = -1
+
+    @classmethod
+    def from_env(cls) -> "Faults | None":
+        raw = os.environ.get(ENV, "").strip()
+        if not raw:
+            return None
+        d = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"{ENV}: unknown key(s) {sorted(set(d) - known)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def crash_after_step(self, step: int) -> bool:
+        return self.crash_at_step == step and not self.crash_in_upload
+
+    def crash_in_upload_of(self, step: int) -> bool:
+        return self.crash_in_upload and self.crash_at_step == step
+
+
+def kill_victim(run, rank: int, world: int, when: str) -> None:
+    """SIGKILL rank 1 (rank 0 of a one-worker run) once per run; every other rank returns."""
+    from jobs.core.common import say
+    if rank != min(1, world - 1) or run.exists(MARK):
+        return
+    run.write(MARK, b"1")
+    say(f"[mae] test fault: SIGKILL rank {rank} (pid {os.getpid()}) {when}")
+    os.kill(os.getpid(), signal.SIGKILL)

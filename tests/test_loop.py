@@ -1,0 +1,68 @@
+"""The loop's parts that need no Ray: the cadence, the test-only fault hook, the typed plan."""
+
+import dataclasses
+import itertools
+import json
+import pickle
+
+import pytest
+
+from jobs.core.config import ConfigError, describe, load
+from jobs.core.faults import ENV, Faults
+from jobs.core.schedule import Cadence
+
+
+def inline_flags(step, *, total, start, stop_after, log_every, report_every, ckpt_every, vis_every):
+    """The flags as the loop worked them out inline before the cadence had a type of its own."""
+    last = step == total
+    stop = stop_after > 0 and step - start >= stop_after
+    is_ckpt = step % ckpt_every == 0 or last or stop
+    is_report = report_every > 0 and step % report_every == 0 and not is_ckpt
+    is_log = step % log_every == 0 or is_ckpt or is_report
+    picture = is_log and (step % (vis_every or ckpt_every) == 0 or last or stop)
+    return is_log, is_report, is_ckpt, picture, last or stop
+
+
+@pytest.mark.parametrize("log_every,report_every,ckpt_every,vis_every,start,stop_after",
+                         list(itertools.product([1, 3], [0, 2, 5], [4, 7], [0, 3], [0, 5], [-1, 6])))
+def test_cadence_gives_the_loops_flags(log_every, report_every, ckpt_every, vis_every, start, stop_after):
+    train = load(None, ["data.source=/x", f"train.log_every={log_every}", f"train.report_every={report_every}",
+                        f"train.ckpt_every={ckpt_every}", f"train.vis_every={vis_every}"]).train
+    total = 23
+    c = Cadence.of(train, total, start=start, stop_after=stop_after)
+    for step in range(start + 1, total + 1):
+        at = c.at(step)
+        want = inline_flags(step, total=total, start=start, stop_after=stop_after, log_every=log_every,
+                            report_every=report_every, ckpt_every=ckpt_every, vis_every=vis_every)
+        assert (at.log, at.report, at.checkpoint, at.picture, at.stop) == want, step
+        if at.stop:
+            break
+
+
+def test_fault_injection_is_not_a_user_setting(monkeypatch):
+    help_text = describe()
+    for name in ("crash_at_step", "crash_in_upload", "stop_after_steps"):
+        assert name not in help_text
+        with pytest.raises(ConfigError, match=name):
+            load(None, ["data.source=/x", f"train.{name}=1"])
+    monkeypatch.delenv(ENV, raising=False)
+    assert Faults.from_env() is None
+    monkeypatch.setenv(ENV, json.dumps({"crash_at_step": 6, "crash_in_upload": True}))
+    f = Faults.from_env()
+    assert f.crash_in_upload_of(6) and not f.crash_after_step(6) and not f.crash_in_upload_of(5)
+    monkeypatch.setenv(ENV, json.dumps({"crash_at": 6}))
+    with pytest.raises(ValueError, match="crash_at"):
+        Faults.from_env()
+
+
+def test_the_plan_is_typed_and_frozen():
+    from jobs.core.plan import RunPlan
+    from pipeline.stream import Stream
+    plan = RunPlan(run_dir="s3://b/runs/x", global_batch=16, accum_steps=1, steps_per_epoch=4, total_steps=8,
+                   warmup_steps=2, peak_lr=1e-3, precision="fp32", flops_per_image=1.0, rows=64, t_launch=0.0,
+                   config_yaml="", finished=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.total_steps = 9
+    planned = plan.with_stream(Stream((8, 8), 0, True), None)
+    assert planned.stream.rows_per_epoch == 16 and plan.stream is None
+    assert pickle.loads(pickle.dumps(planned)) == planned  # it travels in train_loop_config
