@@ -9,16 +9,13 @@ STAMP   := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch/torchvision first, pinned to the pair that installs from this machine's disk; then the
-# project with its test tools. Re-runs only when pyproject.toml changes. uv does in seconds what pip
-# takes minutes over (measured here: torch + torchvision 22 s against 80 s, the project 9 s against
-# 80 s); it reads no pip.conf, so the package sources and constraints configured for pip (where this
-# machine keeps torch's wheels) are handed to it. Without uv (no wheel for the platform), pip.
-# Bytecode: these machines set PYTHONDONTWRITEBYTECODE, under which every process compiled what it
-# imports again (torch + Ray: 17 s instead of 6). Compiling all 250 MB of site-packages at install
-# (uv --compile-bytecode) took 31 s of a 38 s install; instead the targets below run without that
-# variable, so the first process to import a module writes its .pyc (11 s once, for what is used)
-# and every later one reads it (.pyc files and __pycache__ are git-ignored and never shipped).
+# Install: torch/torchvision first, pinned to a tested pair, then the project with its test tools;
+# re-run only when pyproject.toml changes. uv installs several times faster than pip; it reads no
+# pip.conf, so pip's configured index, find-links and constraint are handed to it. pip is the
+# fallback where uv cannot install (no wheel for the platform).
+# Bytecode: the targets run without PYTHONDONTWRITEBYTECODE, so the first process to import a module
+# writes its .pyc and later ones read it, instead of compiling all of site-packages at install
+# (.pyc files and __pycache__ are git-ignored and never shipped with a job).
 unexport PYTHONDONTWRITEBYTECODE
 PIPCONF = $(shell $(BIN)/python -m pip config list 2>/dev/null | sed -n "s/^global\.$(1)='\(.*\)'$$/\1/p")
 UV      = UV_CONSTRAINT="$(call PIPCONF,constraint)" $(BIN)/uv pip install -q --python $(BIN)/python
@@ -32,8 +29,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# One process (two pytest-xdist workers, the shared-cluster tests in one and the rest beside them,
-# measured no faster: the machine is CPU-bound, bench/RESULTS.md, tenth session).
+# One pytest process: the suite is CPU-bound, so parallel workers do not make it faster.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests --durations=25
 
