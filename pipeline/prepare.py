@@ -205,7 +205,14 @@ def prepare(cfg: PrepareConfig, progress: bool = True, the_plan: Plan | None = N
     finally:
         ctx.raise_original_map_exception = raise_original
     results = sorted((json.loads(r["result"]) for r in rows), key=lambda r: r["name"])
+    manifest = build_manifest(cfg, str(src), files, classes, results)
+    write_bytes(dst.join(MANIFEST), json.dumps(manifest, indent=1).encode())  # last: the marker
+    return manifest
 
+
+def build_manifest(cfg: PrepareConfig, src: str, files: list, classes: list | None, results: list[dict]) -> dict:
+    """The written shards' results (sorted by name) -> the dataset's manifest: splits, probe files,
+    counts, the skipped images with their reasons, and the settings (never SRC/DST credentials)."""
     splits: dict[str, dict] = {}
     probe: dict[str, dict] = {}
     skipped = []
@@ -222,9 +229,9 @@ def prepare(cfg: PrepareConfig, progress: bool = True, the_plan: Plan | None = N
     reasons: dict[str, int] = {}
     for d in skipped:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
-    manifest = {
+    return {
         "format": FORMAT,
-        "source": str(src),
+        "source": src,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "classes": classes or [],
         "counts": {"listed": len(files), "ok": sum(s["count"] for s in splits.values()),
@@ -234,8 +241,6 @@ def prepare(cfg: PrepareConfig, progress: bool = True, the_plan: Plan | None = N
         "skipped": skipped,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("src", "dst", "overwrite")},
     }
-    write_bytes(dst.join(MANIFEST), json.dumps(manifest, indent=1).encode())  # last: the marker
-    return manifest
 
 
 def _storage_error_in(e: BaseException) -> str | None:

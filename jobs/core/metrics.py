@@ -75,6 +75,64 @@ def fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class StepWindow:
+    """What this rank's steps since the last log add up to; :meth:`close` averages them over the
+    ranks (one small all-reduce) into the log step's metrics and starts the next window.
+
+    Loss and the non-finite flags stay on the device between logs (no host sync per step)."""
+
+    def __init__(self, device: torch.device, *, world: int, global_batch: int, flops_per_image: float,
+                 precision: str, gpu_decode: bool = False):
+        self.device, self.world, self.global_batch = device, world, global_batch
+        self.flops_per_image, self.gpu_decode = flops_per_image, gpu_decode
+        self.peak_fl, self.peak_how = peak_flops(device, precision)
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.wait, self.steps = time.perf_counter(), 0.0, 0
+        self.loss = torch.zeros((), device=self.device)
+        self.bad = torch.zeros((), device=self.device)        # steps skipped as non-finite
+        self.first_bad = torch.zeros((), device=self.device)  # the first of them (0: none)
+        self.device_skips, self.device_decode_s = 0, 0.0      # data.decode=gpu: skips, decode time
+
+    def add_step(self, loss: torch.Tensor, bad: torch.Tensor, step: int) -> None:
+        """One optimizer step ``step`` (1-based) done: its mean micro-batch loss and skip flag."""
+        self.loss += loss
+        self.bad += bad
+        self.first_bad = torch.where((self.first_bad == 0) & (bad > 0), float(step), self.first_bad)
+        self.steps += 1
+
+    def close(self, *, step: int, total: int, lr: float, rows_per_epoch: int, model, opt) -> dict:
+        """-> the window's metrics (``_``-prefixed entries are the loop's own, not logged)."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        bad, first_bad = int(self.bad), int(self.first_bad)  # the same on every rank
+        t = torch.tensor([float(self.loss), self.wait], dtype=torch.float64, device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        loss_sum, wait_sum = t.tolist()
+        steps = max(1, self.steps)
+        ips = self.steps * self.global_batch / elapsed
+        m = {"loss": loss_sum / self.world / steps, "lr": lr, "step": step,
+             "epoch": step * self.global_batch / rows_per_epoch, "images_seen": step * self.global_batch,
+             "throughput/images_per_s": ips, "throughput/data_wait_share": wait_sum / self.world / elapsed,
+             "mfu": ips * self.flops_per_image / (self.peak_fl * self.world),
+             "memory/peak_mb": peak_memory_mb(self.device), "memory/param_optim_mb": local_state_mb(model, opt),
+             "_skipped": bad, "_first_bad": first_bad, "_eta_s": (total - step) * elapsed / steps}
+        if self.gpu_decode:
+            m.update({"data/device_decode_skips": self.device_skips,
+                      "throughput/device_decode_share": self.device_decode_s / elapsed})
+        self.reset()
+        return m
+
+    def line(self, m: dict, total: int) -> str:
+        """The log step's one line on stdout."""
+        knn = f" knn {100 * m['knn_top1']:.1f}%" if "knn_top1" in m else ""
+        return (f"[mae] step {m['step']}/{total} epoch {m['epoch']:.2f} loss {m['loss']:.4f}{knn} lr {m['lr']:.2e} "
+                f"{m['throughput/images_per_s']:.1f} img/s data-wait {100 * m['throughput/data_wait_share']:.0f}% "
+                f"mfu {100 * m['mfu']:.1f}% ({self.peak_how}) mem {m['memory/peak_mb']:.0f}MB "
+                f"eta {fmt_eta(m['_eta_s'])}")
+
+
 def _step_of(line: bytes) -> float:
     try:
         return json.loads(line)["step"]

@@ -30,7 +30,7 @@ from jobs.core.common import attempt_scratch, say
 from jobs.core.config import PretrainConfig
 from jobs.core.faults import MARK as FAULT_MARK
 from jobs.core.faults import kill_victim
-from jobs.core.metrics import MetricsLogger, fmt_eta, local_state_mb, peak_flops, peak_memory_mb
+from jobs.core.metrics import MetricsLogger, StepWindow
 from jobs.core.optim import build_optimizer, guarded_step, lr_at
 from jobs.core.plan import RunPlan
 from jobs.core.probe import knn_top1, sharded_features
@@ -89,24 +89,22 @@ class Trainer:
         self.ckpt = Checkpointer(cfg, self.run, rank=self.rank, world=self.world, scratch=self.scratch,
                                  cpu_group=self.cpu_group, global_batch=self.global_batch,
                                  config_yaml=plan.config_yaml, faults=plan.faults)
-        self.peak_fl, self.peak_how = peak_flops(self.device, self.precision)
+        self.window = StepWindow(self.device, world=self.world, global_batch=self.global_batch,
+                                 flops_per_image=plan.flops_per_image, precision=self.precision,
+                                 gpu_decode=cfg.data.decode == "gpu")
         self.probe = {k: torch.from_numpy(np.asarray(v)) for k, v in plan.probe.items()} if plan.probe else None
         self.first_log_done = False
         self.last_report = time.monotonic()
-        self._reset_window()
+        # Ray Train's preemption notices (a node of the run is being drained for a spot reclaim):
+        # read at log steps, where every rank is anyway; off where Ray Train's watcher is off
+        self.watch_preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1").lower() not in ("0", "false")
+        self.last_notice = None
 
     # ------------------------------------------------------------------ helpers
     def _broadcast(self, obj):
         box = [obj if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
-
-    def _reset_window(self) -> None:
-        self.win = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0,
-                    "loss": torch.zeros((), device=self.device),
-                    "bad": torch.zeros((), device=self.device),         # steps skipped as non-finite
-                    "first_bad": torch.zeros((), device=self.device),   # the first of them (0: none)
-                    "device_skips": 0, "device_decode_s": 0.0}          # data.decode=gpu: skips, decode time
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
@@ -148,9 +146,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def next_batch(self) -> torch.Tensor:
-        t0, wait0 = time.perf_counter(), self.win["wait"]
+        t0 = time.perf_counter()
         batch = next(self.batches, None)
-        self.win["wait"] += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.window.wait += waited
         # Every rank gets the same number of batches: streaming_split(equal=True)'s OutputSplitter
         # gives each split exactly the same number of rows (it truncates the rest) and the
         # iterator drops the last partial batch, so no per-step agreement on the end is needed.
@@ -161,8 +160,8 @@ class Trainer:
             from pipeline.gpu_decode import decode_on_device
             x, _, skipped = decode_on_device(batch["image"], batch["box"], batch["flip"], img_size=self.cfg.data.img_size,
                                              patch_size=self.cfg.data.patch_size, device=self.device)
-            self.win["device_skips"] += skipped
-            self.win["device_decode_s"] += time.perf_counter() - t0 - (self.win["wait"] - wait0)
+            self.window.device_skips += skipped
+            self.window.device_decode_s += time.perf_counter() - t0 - waited
             # A batch none of whose images decoded (rare: all broken) repeats the last good one, so
             # that every rank still takes the same number of batches from its equal split.
             if x.shape[0]:
@@ -176,52 +175,31 @@ class Trainer:
         """``accum`` micro-batches (gradient sync on the last only), clip, one AdamW step. All the
         micro-batches are taken before any is run, so no partial accumulation reaches a step."""
         patches = [self.next_batch() for _ in range(self.accum)]
+        step_loss = torch.zeros((), device=self.device)
         for micro, x in enumerate(patches):
             set_gradient_sync(self.model, micro == self.accum - 1)
             with self.autocast:
                 loss, _, _ = self.model(x)
             (loss / self.accum).backward()
-            self.win["loss"] += loss.detach() / self.accum
+            step_loss += loss.detach() / self.accum
         self.lr = lr_at(self.step, peak=self.peak, warmup=self.warmup, total=self.total, min_lr=self.cfg.optim.min_lr)
         for g in self.opt.param_groups:
             g["lr"] = self.lr
         # Every step is checked on the device before it is applied; the log step reads the flags.
         bad = guarded_step(self.opt, self.model.parameters(), self.cfg.optim.clip_grad)
-        self.win["bad"] += bad
-        self.win["first_bad"] = torch.where((self.win["first_bad"] == 0) & (bad > 0),
-                                            float(self.step + 1), self.win["first_bad"])
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.win["steps"] += 1
+        self.window.add_step(step_loss, bad, self.step)
 
     def metrics(self) -> dict:
-        """The window since the last call, averaged over ranks (one small all-reduce)."""
-        elapsed = time.perf_counter() - self.win["t0"]
-        bad, first_bad = int(self.win["bad"]), int(self.win["first_bad"])  # the same on every rank
-        t = torch.tensor([float(self.win["loss"]), self.win["wait"]], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        loss_sum, wait_sum = t.tolist()
-        steps = max(1, self.win["steps"])
-        ips = self.win["steps"] * self.global_batch / max(elapsed, 1e-9)
-        m = {"loss": loss_sum / self.world / steps, "lr": self.lr, "step": self.step,
-             "epoch": self.step * self.global_batch / self.stream.rows_per_epoch,
-             "images_seen": self.step * self.global_batch,
-             "throughput/images_per_s": ips,
-             "throughput/data_wait_share": wait_sum / self.world / max(elapsed, 1e-9),
-             "mfu": ips * self.plan.flops_per_image / (self.peak_fl * self.world),
-             "memory/peak_mb": peak_memory_mb(self.device),
-             "memory/param_optim_mb": local_state_mb(self.model, self.opt),
-             "_skipped": bad, "_first_bad": first_bad,
-             **({"data/device_decode_skips": self.win["device_skips"],
-                 "throughput/device_decode_share": self.win["device_decode_s"] / max(elapsed, 1e-9)}
-                if self.cfg.data.decode == "gpu" else {}),
-             "_eta_s": (self.total - self.step) * elapsed / steps}
+        """The window since the last log step, averaged over ranks (:class:`StepWindow`)."""
+        m = self.window.close(step=self.step, total=self.total, lr=self.lr,
+                              rows_per_epoch=self.stream.rows_per_epoch, model=self.model, opt=self.opt)
         if self.ckpt.last_stall is not None:  # the last save's time on the training path
             m["time/checkpoint_stall_s"], self.ckpt.last_stall = self.ckpt.last_stall, None
         if not self.first_log_done:
             m["time/launch_to_first_log_s"] = time.time() - self.plan.t_launch
             self.first_log_done = True
-        self._reset_window()
         return m
 
     def check_finite(self, m: dict) -> bool:
@@ -255,13 +233,8 @@ class Trainer:
         m["knn_top1"] = m[f"knn_top1/{self.cfg.train.knn_feature}"]
 
     def log(self, m: dict) -> None:
-        if self.rank != 0:
-            return
-        knn = f" knn {100 * m['knn_top1']:.1f}%" if "knn_top1" in m else ""
-        self.logger.log(self.step, {k: v for k, v in m.items() if not k.startswith("_")}, line=(
-            f"[mae] step {self.step}/{self.total} epoch {m['epoch']:.2f} loss {m['loss']:.4f}{knn} lr {self.lr:.2e} "
-            f"{m['throughput/images_per_s']:.1f} img/s data-wait {100 * m['throughput/data_wait_share']:.0f}% "
-            f"mfu {100 * m['mfu']:.1f}% ({self.peak_how}) mem {m['memory/peak_mb']:.0f}MB eta {fmt_eta(m['_eta_s'])}"))
+        if self.rank == 0:
+            self.logger.log(self.step, public(m), line=self.window.line(m, self.total))
 
     def report_due(self) -> bool:
         """Rank 0 decides for all ranks whether a metrics-only report is due: by its clock, and not
@@ -299,11 +272,34 @@ class Trainer:
             self.logger.put_file(path, f"pictures/reconstruction_{self.step:08d}.png")
             self.logger.put_file(path, "reconstruction_latest.png")
 
+    def preempted(self) -> bool:
+        """A node of this run is being preempted (Ray Train's notice: a barrier, called by every rank
+        at the same steps) and no checkpoint was saved for this notice yet: save one now, before the
+        node goes; Ray Train restarts the group from it once the node is gone."""
+        if not self.watch_preemption:
+            return False
+        import ray.train
+        try:
+            info = ray.train.get_preemption_info()
+        except (DeprecationWarning, RuntimeError):  # refused in a Tune session: Tune retries the trial
+            self.watch_preemption = False
+            return False
+        if info is None or info == self.last_notice:
+            return False
+        self.last_notice = info
+        nodes = ", ".join(n[:8] for n in info.preempted_node_to_ranks)
+        self.say(f"[mae] node(s) {nodes} being preempted: checkpoint at step {self.step} before they go")
+        return True
+
     def inject_faults(self) -> None:
         """Test-only (:mod:`jobs.core.faults`): SIGKILL rank 1 once at the planned step, after the
         last save is complete on every rank (so the restart point is known: that checkpoint)."""
         f = self.plan.faults
-        if f is None or not f.crash_after_step(self.step) or self.run.exists(FAULT_MARK):
+        if f is None:
+            return
+        if f.step_sleep_s:
+            time.sleep(f.step_sleep_s)
+        if not f.crash_after_step(self.step) or self.run.exists(FAULT_MARK):
             return
         self.ckpt.wait()
         dist.barrier(group=self.cpu_group)
@@ -332,15 +328,16 @@ class Trainer:
             if not at.log:
                 continue
             report = at.report and self.report_due()
+            save = at.checkpoint or self.preempted()
             m = self.metrics()
             if not self.check_finite(m):
                 return
-            if self.probe is not None and (report or at.checkpoint):
+            if self.probe is not None and (report or save):
                 self.knn(m)
             self.log(m)
             if at.picture:
                 self.picture()
-            if at.checkpoint:
+            if save:
                 self.save(m)
             elif report:
                 self.report(m)
