@@ -10,6 +10,7 @@ COMMANDS = {
     "pretrain": ("jobs.pretrain", "distributed MAE pretraining (Ray Train + FSDP2)"),
     "evaluate": ("jobs.evaluate", "frozen-encoder k-NN and linear probe of a checkpoint"),
     "tune": ("jobs.tune", "search mask ratio / decoder depth; each trial a distributed run"),
+    "preflight": ("jobs.preflight", "check the cluster a run would use: nodes, storage from every node, auth, all-reduce"),
     "submit": ("jobs.submit", "submit any of the above as a Ray job to a cluster; --follow streams its logs"),
     "jobs": ("jobs.jobctl", "list / status / logs / stop the cluster's jobs"),
     "ckpt": ("jobs.ckpt", "list / pull / export checkpoints from object storage"),

@@ -29,7 +29,7 @@ import sys
 
 import yaml
 
-from jobs.core.common import UserError, cluster_capacity, init_ray, one_line_errors
+from jobs.core.common import STABLE_RESOURCE, UserError, cluster_capacity, init_ray, one_line_errors
 from jobs.core.config import PretrainConfig, load, set_field
 from pipeline.storage import check_visible_to_cluster, parse_uri, pyarrow_fs, write_bytes
 
@@ -49,12 +49,14 @@ def check_objective(objective: str, space: dict) -> str:
 
 
 def trial_config(base: dict, params: dict, trial_name: str, tune_dir: str,
-                 objective: str = OBJECTIVE) -> PretrainConfig:
+                 objective: str = OBJECTIVE, data_cpus: float | None = None) -> PretrainConfig:
     cfg = PretrainConfig.from_dict(base)
     for k, v in params.items():
         set_field(cfg, k, v)
     cfg.run.storage_path = str(parse_uri(tune_dir).join("trials"))
     cfg.run.name = trial_name
+    if data_cpus is not None and cfg.data.max_data_cpus is None:  # the trial's share of the cluster
+        cfg.data.max_data_cpus = data_cpus
     cfg.train.knn_eval = cfg.train.knn_eval or objective == "knn_top1"
     if cfg.train.report_every == 0:  # the scheduler needs results between checkpoints
         cfg.train.report_every = cfg.train.log_every
@@ -69,7 +71,7 @@ def trial(config: dict) -> None:
     from jobs.core.launch import fit
     ctx = ray.tune.get_context()
     cfg = trial_config(config["base"], config["params"], ctx.get_trial_id(), config["tune_dir"],
-                       config.get("objective", OBJECTIVE))
+                       config.get("objective", OBJECTIVE), config.get("data_cpus"))
     # A non-finite loss ends the run with an "error" report (objective 0) that reaches Tune
     # through the callback; the search goes on.
     result, plan = fit(cfg, verbose=False, callbacks=[TuneReportCallback()], check_cpus=False)
@@ -95,6 +97,31 @@ def trial_resources(cfg: PretrainConfig) -> dict:
     from jobs.core.launch import cpu_needs
     trainers, data = cpu_needs(cfg)
     return {"CPU": DRIVER_CPUS + trainers + data, "GPU": cfg.scaling.num_workers if cfg.scaling.use_gpu else 0}
+
+
+def data_cpus_per_trial(cfg: PretrainConfig, cluster: dict, concurrent: int) -> float:
+    """Each of ``concurrent`` trials' share of the CPUs its Train workers and driver leave: the
+    limit of its Ray Data (``data.max_data_cpus``). Without it every trial's Ray Data sizes itself
+    for the whole cluster, and concurrent trials fight over the same CPUs."""
+    from jobs.core.launch import cpu_needs
+    trainers, data = cpu_needs(cfg)
+    free = cluster.get("CPU", 0.0) - concurrent * (DRIVER_CPUS + trainers)
+    return max(data, round(free / max(1, concurrent), 3))
+
+
+def driver_resources(cfg: PretrainConfig, cluster: dict) -> dict:
+    """What a trial's driver holds: ``run.trial_driver_resources`` if set; else a sliver of
+    ``STABLE_RESOURCE`` where some node advertises it (no CPU: the shipped heads have none to give),
+    else of CPU. A trial's driver, its Train controller and its data stream's coordinator all live
+    on the driver's node, so a spot node's reclaim would take the whole trial; the head of the
+    shipped cluster configs advertises it, the spot groups do not."""
+    if cfg.run.trial_driver_resources:
+        return {"cpu": 0, **cfg.run.trial_driver_resources}
+    if cluster.get(STABLE_RESOURCE, 0.0) > 0:
+        return {"cpu": 0, STABLE_RESOURCE: 0.001}
+    print(f"[tune] no node advertises the {STABLE_RESOURCE!r} resource: trial drivers may be placed on "
+          "preemptible nodes (advertise it on the head or an on-demand group, docs/scaling.md)", flush=True)
+    return {"cpu": DRIVER_CPUS}
 
 
 def max_concurrent(cfg: PretrainConfig, cluster: dict) -> int:
@@ -209,13 +236,17 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
     from jobs.core.launch import paths_of
     check_visible_to_cluster({**paths_of(base), "run.storage_path": storage}, shared_fs=base.run.shared_fs,
                              setting="run.shared_fs=true")
-    fit_at_once = max_concurrent(base, cluster_capacity())  # also refuses a trial that cannot fit
+    cluster = cluster_capacity()
+    fit_at_once = max_concurrent(base, cluster)  # also refuses a trial that cannot fit
+    from jobs.core.placement import check_placement
+    check_placement(base, what="one trial")  # per node, as each trial's workers are placed
     mc = min(max_concurrent_trials or fit_at_once, fit_at_once)
     budget = base.train.max_steps * base.train.batch_size * base.scaling.num_workers * base.optim.accum_steps
     scheduler = tune.schedulers.ASHAScheduler(
         time_attr="images_seen", metric=objective, mode=mode, max_t=max(1, budget),
         grace_period=grace_images or max(1, budget // 4), reduction_factor=2)
-    trainable = tune.with_resources(trial, {"cpu": DRIVER_CPUS})
+    trainable = tune.with_resources(trial, driver_resources(base, cluster))
+    data_cpus = data_cpus_per_trial(base, cluster, mc)
     path = f"{root.rstrip('/')}/{name}"
     if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[tune] resuming {tune_dir}: finished trials are kept", flush=True)
@@ -225,21 +256,24 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
         tuner = tune.Tuner(
             trainable,
             param_space={"base": base.to_dict(), "tune_dir": tune_dir, "objective": objective,
-                         "params": param_space},
+                         "data_cpus": data_cpus, "params": param_space},
             tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=mc, search_alg=search_alg),
-            run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs),
+            # A trial whose driver dies (its node reclaimed) is started again and resumes its run
+            # from its latest complete checkpoint (the same run name and storage path)
+            run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=base.run.trial_retries)),
         )
     need = trial_resources(base)
     print(f"[tune] {tune_dir}: space {space}, {mc} concurrent trials of {need['CPU']:g} CPUs"
-          + (f" and {need['GPU']} GPUs" if need["GPU"] else "") + ", "
+          + (f" and {need['GPU']} GPUs" if need["GPU"] else "") + f" (Ray Data: {data_cpus:g} CPUs each), "
           f"budget {budget} images per trial, objective {objective} ({mode})", flush=True)
     grid = tuner.fit()
     rows = results_table(grid, space, tune_dir, objective)
     best_cfg = None
     try:
         best = grid.get_best_result(metric=objective, mode=mode, scope="all")
-        best_cfg = trial_config(base.to_dict(), best.config["params"], "best", tune_dir, objective)
+        best_cfg = trial_config(base.to_dict(), best.config["params"], "best", tune_dir, objective)  # no share: a run alone
     except Exception:  # noqa: BLE001 - no trial reported the objective
         pass
     if rows:

@@ -81,7 +81,8 @@ def ray_cluster(s3):
     before = forkserver_dirs()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",
-        "resources": {"node_head": 1}, "object_store_memory": 300 * 2**20})
+        "resources": {"node_head": 1, "mae_stable": 1000},  # the worker node plays a spot node
+        "object_store_memory": 300 * 2**20})
     cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1", resources={"node_worker1": 1},
                      object_store_memory=300 * 2**20)
     cluster.wait_for_nodes()

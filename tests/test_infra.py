@@ -306,3 +306,39 @@ def test_a_forkserver_dir_whose_socket_is_live_is_never_removed():
         sock.close()
         import shutil
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_gpu_pods_use_the_fabric_and_only_the_head_is_stable(name):
+    """GPU pods request the EFA devices, set libfabric's provider and may pin memory (NCCL over the
+    fabric, not TCP); only the head advertises mae_stable, which `mae tune` trial drivers ask for."""
+    doc = load("kuberay", name)
+    gpu_groups = 0
+    for group, pod in _ray_pod_templates(doc):
+        c = pod["spec"]["containers"][0]
+        if not c["resources"]["limits"].get("nvidia.com/gpu"):
+            continue
+        gpu_groups += 1
+        efa = [c["resources"][k].get("vpc.amazonaws.com/efa") for k in ("requests", "limits")]
+        assert efa[0] and efa[0] == efa[1], (group, efa)
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env.get("FI_PROVIDER") == "efa" and env.get("FI_EFA_USE_DEVICE_RDMA") == "1", group
+        assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"], group
+    assert gpu_groups == 1
+    spec = _cluster_specs(doc)
+    assert float(spec["headGroupSpec"]["resources"]["mae_stable"]) > 0
+    for g in spec["workerGroupSpecs"]:
+        assert "mae_stable" not in (g.get("resources") or {}) and "mae_stable" not in str(g.get("rayStartParams"))
+
+
+def test_gpu_image_and_launcher_carry_the_fabric():
+    dockerfile = open(os.path.join(INFRA, "docker", "Dockerfile")).read()
+    assert "efa_installer.sh" in dockerfile and "/opt/amazon/ofi-nccl/lib" in dockerfile
+    launcher = load("cluster", "aws.yaml")
+    assert "--device=/dev/infiniband" in launcher["docker"]["run_options"]
+    types = launcher["available_node_types"]
+    gpu = [t for t in types.values() if t["resources"].get("GPU")]
+    assert gpu and all(any(i.get("InterfaceType") == "efa" for i in t["node_config"]["NetworkInterfaces"])
+                       for t in gpu)
+    stable = [k for k, t in types.items() if t["resources"].get("mae_stable")]
+    assert stable == [launcher["head_node_type"]]

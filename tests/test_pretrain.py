@@ -6,6 +6,8 @@ Each Ray Train run takes ~20 s to its first step here, so runs are few and small
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -300,3 +302,63 @@ def test_bad_config_is_one_line(shards, bucket):
         config(shards, bucket, "x", "train.batchsize=3")
     with pytest.raises(ConfigError, match="mask_ratio"):
         config(shards, bucket, "x", "model.overrides.mask_ratio=1.5")
+
+
+def test_a_preemption_notice_saves_a_checkpoint_and_the_run_resumes_from_it(shards, bucket, ray_cluster,
+                                                                              monkeypatch):
+    """A spot reclaim announced by draining the node (reason preemption, as a cloud's notice does
+    through the autoscaler): the run saves a checkpoint at its next log step, off its checkpoint
+    cadence, and once the node is gone Ray Train restarts the worker group from that checkpoint."""
+    import threading
+
+    import ray
+    from ray.util.state import list_actors
+    # Ray Train's preemption watcher, off in the rest of the suite, on for this run (read by the
+    # controller and the workers from the driver's environment)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"step_sleep_s": 0.2}))  # ~12 s of steps: the reclaim lands mid-run
+    victim = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"spot_pool": 1},
+                                  object_store_memory=200 * 2**20)
+    ray_cluster.wait_for_nodes()
+    steps = 60
+    cfg = config(shards, bucket, "preempted", f"train.max_steps={steps}", "train.ckpt_every=100", "train.log_every=2",
+                 "train.vis_images=0", "scaling.num_workers=1", "scaling.resources_per_worker={spot_pool: 1}")
+    out = {}
+    t = threading.Thread(target=lambda: out.update(result=fit(cfg)[0]), daemon=True)
+    t.start()
+    replacement = None
+    try:
+        def on_victim():
+            return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000, detail=True)
+                    if a.class_name.endswith("RayTrainWorker") and a.node_id == victim.node_id]
+        deadline = time.time() + 120
+        while time.time() < deadline and not on_victim():
+            time.sleep(0.5)
+        assert on_victim(), "the run's worker never started on the spot node"
+        gcs = ray.get_runtime_context().gcs_address
+        r = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "drain-node", f"--address={gcs}",
+                            f"--node-id={victim.node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                            "--reason-message=spot reclaim", "--deadline-remaining-seconds=120"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        run = run_dir_of(cfg)
+        deadline = time.time() + 120
+        while time.time() < deadline and not ckpt.latest_complete(run):
+            time.sleep(0.5)
+        jit = ckpt.latest_complete(run)
+        assert jit and jit["step"] < steps, jit  # saved off the cadence (ckpt_every=100), before the end
+        ray_cluster.remove_node(victim)  # the reclaim
+        replacement = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"spot_pool": 1},
+                                           object_store_memory=200 * 2**20)
+        t.join(timeout=300)
+        assert not t.is_alive() and out["result"].error is None
+    finally:
+        if replacement is not None:
+            t.join(timeout=300)
+            ray_cluster.remove_node(replacement)
+    recs = metrics_of(cfg)
+    assert [r["step"] for r in recs] == list(range(2, steps + 1, 2))
+    starts = [r["step"] for r in recs if "time/launch_to_first_log_s" in r]
+    assert starts == [2, jit["step"] + 2], (starts, jit)  # the restarted group went on from that checkpoint
+    assert ckpt.latest_complete(run_dir_of(cfg))["step"] == steps

@@ -36,6 +36,16 @@ def tune_shards(bucket, ray_cluster, tmp_path_factory):
     return dst
 
 
+def test_trial_drivers_ask_for_a_stable_node():
+    from jobs.core.config import load
+    from jobs.tune import driver_resources
+    cfg = load(None, ["data.source=s3://b/shards"])
+    assert driver_resources(cfg, {"CPU": 8, "mae_stable": 1000}) == {"cpu": 0, "mae_stable": 0.001}
+    assert driver_resources(cfg, {"CPU": 8}) == {"cpu": 0.01}  # no node advertises it: anywhere, said once
+    pinned = load(None, ["data.source=s3://b/shards", "run.trial_driver_resources={od: 0.01}"])
+    assert driver_resources(pinned, {"CPU": 8, "mae_stable": 1000}) == {"cpu": 0, "od": 0.01}
+
+
 def test_concurrency_counts_gpus_and_a_trial_that_cannot_fit_is_one_line():
     from jobs.core.common import UserError
     from jobs.core.config import PretrainConfig, load
@@ -70,7 +80,7 @@ def test_a_driver_that_decodes_no_images_never_imports_torch(labeled_dir):
             f"cfg = load(None, ['data.source={labeled_dir}', 'model.preset=mae_vit_micro_patch4', "
             "'train.batch_size=8', 'train.vis_images=0']); "
             "p = make_plan(cfg, resolve(cfg.data.source, 'train', 0.0, 0), 0.0); "
-            "assert p['vis'] is None and p['probe'] is None and p['total_steps'] > 0; "
+            "assert p.vis is None and p.probe is None and p.total_steps > 0; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -154,6 +164,26 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     import yaml
     best_cfg = yaml.safe_load(read_bytes(f"{tune_dir}/best_config.yaml"))
     assert best_cfg["optim"]["lr"] == best.config["params"]["optim.lr"]
+    # Two trials at a time on 6 CPUs: each trial's Ray Data got its share of what the trials' workers
+    # and drivers leave (not the whole cluster, which both would size themselves for)
+    from jobs.tune import data_cpus_per_trial
+    share = data_cpus_per_trial(base, {"CPU": 6.0}, 2)
+    assert share == pytest.approx((6 - 2 * (0.01 + 1)) / 2)
+    for r in rows:
+        saved = yaml.safe_load(read_bytes(f"{tune_dir}/trials/{r['trial']}/config.yaml"))
+        assert saved["data"]["max_data_cpus"] == pytest.approx(share), r["trial"]
+    # Every trial's driver, and the Train controllers and stream coordinators that live beside
+    # their drivers, ran on the node that advertises mae_stable (the head); never on the worker
+    # node, which plays a spot node
+    import ray
+    from ray.util.state import list_actors
+    stable = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("mae_stable")}
+    placed = {}
+    for a in list_actors(limit=10000, detail=True):
+        for kind in ("ImplicitFunc", "TrainController", "SplitCoordinator"):
+            if a.class_name.endswith(kind):
+                placed.setdefault(kind, set()).add(a.node_id)
+    assert len(stable) == 1 and placed["ImplicitFunc"] and all(v <= stable for v in placed.values()), placed
 
 
 def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster, tmp_path,
@@ -237,3 +267,60 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
         assert float(row["model.overrides.mask_ratio"]) in (0.5, 0.75, 0.9)
         assert int(row["model.overrides.decoder_depth"]) in (1, 2)
         assert 0.0 <= float(row[OBJECTIVE]) <= 1.0
+
+
+def test_a_trial_whose_driver_node_is_lost_is_retried_and_resumes(tune_shards, bucket, ray_cluster, tmp_path):
+    """A spot reclaim of the node that hosts a trial's driver (and so its Train controller and its
+    stream's coordinator): the trial is started again on another node and resumes its run from
+    the run's latest complete checkpoint, neither lost nor restarted from step 0."""
+    import ray
+
+    from jobs.core.checkpoint import list_checkpoints
+    from pipeline.storage import list_files, read_bytes
+    storage, steps = f"s3://{bucket}/tune-spot", 40
+    victim = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"driver_pool": 1},
+                                  object_store_memory=200 * 2**20)
+    ray_cluster.wait_for_nodes()
+    args = [sys.executable, "-m", "jobs.tune", *BASE, "scaling.num_workers=1", f"train.max_steps={steps}",
+            "train.ckpt_every=4", "train.log_every=4", f"data.source={tune_shards}", f"run.storage_path={storage}",
+            "run.trial_driver_resources={driver_pool: 0.01}", "run.trial_retries=2", "--objective", "loss",
+            "--space", "optim.lr=0.005", "--name", "spot", "--grace-images", str(steps * BATCH)]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = open(tmp_path / "tune.log", "wb")
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    replacement = None
+    try:
+        def complete_steps():
+            try:
+                return sorted(int(f.rsplit("checkpoint_", 1)[1].split("/")[0]) for f, _ in
+                              list_files(f"{storage}/spot/trials") if f.endswith("/COMPLETE"))
+            except Exception:  # noqa: BLE001 - nothing written yet
+                return []
+        deadline = time.time() + 300
+        while time.time() < deadline and not complete_steps() and p.poll() is None:
+            time.sleep(0.5)
+        saved = complete_steps()
+        assert saved and saved[-1] < steps, (saved, (tmp_path / "tune.log").read_text()[-3000:])
+        # the reclaim: the node and every process on it go; a new node of the same pool comes up
+        ray_cluster.remove_node(victim)
+        replacement = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"driver_pool": 1},
+                                           object_store_memory=200 * 2**20)
+        assert p.wait(timeout=400) == 0, (tmp_path / "tune.log").read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        log.close()
+        if replacement is not None:
+            ray_cluster.remove_node(replacement)
+    import csv
+    import io
+    (row,) = list(csv.DictReader(io.StringIO(read_bytes(f"{storage}/spot/results.csv").decode())))
+    assert not row["error"] and int(row["stopped_at_images"]) == steps * BATCH, row
+    run = f"{storage}/spot/trials/{row['trial']}"
+    logged = [json.loads(x) for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in logged] == list(range(4, steps + 1, 4))  # every step once: nothing twice
+    # the retried trial continued after a checkpoint the lost one completed, not from step 0
+    starts = [r["step"] for r in logged if "time/launch_to_first_log_s" in r]
+    assert len(starts) == 2 and starts[0] == 4 and starts[1] > 4, starts
+    assert starts[1] - 4 >= saved[-1], (starts, saved)
+    assert [c["step"] for c in list_checkpoints(run) if c["complete"]][-1] == steps

@@ -84,7 +84,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kw):
         # address="local": a new Ray of this job's own, never a silent connection to some other
         # Ray found running on the machine (RAY_ADDRESS=auto asks for that one)
         ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", **kw)
+                 dashboard_host="127.0.0.1", **{"resources": {STABLE_RESOURCE: 1000}, **kw})
     return ray
 
 
@@ -130,6 +130,11 @@ def check_data_cpus(need_trainers: float, need_data: float, *, what: str) -> Non
         f"data pipeline, which needs {need_data:g} (data.decode_cpus): lower scaling.cpus_per_worker or "
         "data.decode_cpus, or add CPUs to the cluster (a local Ray: start it with more logical CPUs)")
 
+
+# Advertised by the nodes that are not preemptible (the head, on-demand groups): the resource that
+# `mae tune` trial drivers ask a sliver of, so a spot reclaim never takes a trial's driver, Train
+# controller and stream coordinator (they live on the driver's node).
+STABLE_RESOURCE = "mae_stable"
 
 SCRATCH_PREFIX = "mae-run-"
 _SCRATCH_STAGING = "mae-new-"  # a scratch dir before its owner file is in; never scanned as one

@@ -96,7 +96,13 @@ class RunSection:
     storage_path: str = _f("./runs", "where runs live: s3://bucket/prefix, gs://..., or a local path")
     shared_fs: bool = _f(False, "local paths (data.source, run.storage_path, model.init_from) are on a "
                                 "filesystem every node mounts; else they are refused on a multi-node cluster")
-    max_failures: int = _f(3, "restarts of the worker group from the latest checkpoint on failure")
+    max_failures: int = _f(3, "restarts of the worker group from the latest checkpoint on failure (a lost worker, "
+                              "a preempted node)")
+    trial_retries: int = _f(3, "mae tune: restarts of a trial whose driver died (its node lost, e.g. a spot "
+                               "reclaim); it resumes from its run's latest complete checkpoint")
+    trial_driver_resources: dict = _f({}, "mae tune: Ray resources each trial's driver asks for (its Train "
+                                          "controller and stream coordinator live on its node); default: a "
+                                          "sliver of mae_stable, which the clusters' non-preemptible nodes advertise")
     address: str = _f("", "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 

@@ -8,7 +8,8 @@ around one ``fit`` call. Keys:
   rank (so the restart point is known: that checkpoint);
 - ``crash_in_upload``: with ``crash_at_step`` (a checkpoint step), SIGKILL rank 1 inside its
   upload of that checkpoint instead, before its shard lands;
-- ``stop_after_steps``: return cleanly after this many steps of the attempt (a stopped job).
+- ``stop_after_steps``: return cleanly after this many steps of the attempt (a stopped job);
+- ``step_sleep_s``: sleep this long after every step (a slow run, for events that must land mid-run).
 
 "Once" is per run: the victim leaves ``crash_injected`` in the run directory before it dies.
 """
@@ -29,6 +30,7 @@ class Faults:
     crash_at_step: int = -1
     crash_in_upload: bool = False
     stop_after_steps: int = -1
+    step_sleep_s: float = 0.0
 
     @classmethod
     def from_env(cls) -> "Faults | None":

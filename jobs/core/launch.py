@@ -213,8 +213,10 @@ def prepare_run(cfg: PretrainConfig, t_launch: float, check_cpus: bool):
     """Checks before anything starts, the run's last complete checkpoint and the plan.
     -> (run store, latest checkpoint entry or None, its train state or None, plan, source info)."""
     from jobs.core.common import check_data_cpus
+    from jobs.core.placement import check_placement
     if check_cpus:  # off in a Tune trial: `mae tune` checked that a whole trial fits
         check_data_cpus(*cpu_needs(cfg), what=f"run {cfg.run.name}")
+        check_placement(cfg, what=f"run {cfg.run.name}")  # per node: the cheap part of `mae preflight`
     check_visible_to_cluster(paths_of(cfg), shared_fs=cfg.run.shared_fs, setting="run.shared_fs=true")
     run = Store(run_dir_of(cfg))
     latest = ckpt.latest_complete(run)
