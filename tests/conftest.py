@@ -113,12 +113,6 @@ def scratch_dirs() -> set[str]:
     return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith((SCRATCH_PREFIX, "mae-ckpt-"))}
 
 
-def upload_dir(local: str, s3_uri: str) -> None:
-    from pipeline.storage import fsspec_fs
-    fs, p = fsspec_fs(s3_uri)
-    fs.put(local.rstrip("/") + "/", p, recursive=True)
-
-
 def pytest_collection_modifyitems(session, config, items):
     """Modules whose tests need the shared Ray cluster run last, fewest first: the cluster starts
     with the first test that asks for it and then idles beside every later test (its raylets,

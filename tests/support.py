@@ -1,4 +1,5 @@
-"""What the tests and the benches share: the environment of a local Ray and the tiny pretraining config.
+"""What the tests and the benches share: the environment of a local Ray, the tiny pretraining config,
+and uploading a folder to object storage.
 
 Importable as ``support`` (pytest puts tests/ on ``sys.path``) and as ``tests.support`` (the benches,
 run as ``python -m bench.NAME`` from the repository root). It imports nothing heavy at module level:
@@ -89,3 +90,10 @@ def tiny_config(source: str, storage_path: str | None, name: str | None, *overri
     """The validated config of ``tiny_overrides(source, storage_path, name, *overrides, short_run=...)``."""
     from jobs.core.config import load
     return load(None, tiny_overrides(source, storage_path, name, *overrides, short_run=short_run))
+
+
+def upload_dir(local: str, s3_uri: str) -> None:
+    """Copy the local folder ``local`` (recursively) to ``s3_uri``: a source as a user's bucket holds it."""
+    from pipeline.storage import fsspec_fs
+    fs, p = fsspec_fs(s3_uri)
+    fs.put(local.rstrip("/") + "/", p, recursive=True)
