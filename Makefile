@@ -38,11 +38,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
-	$(BIN)/python bench/model_step.py
-	$(BIN)/python bench/pipeline.py
-	$(BIN)/python bench/export_memory.py
-	$(BIN)/python bench/report_overhead.py
-	$(BIN)/python bench/checkpoint_upload.py
+	$(BIN)/python -m bench.model_step
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.export_memory
+	$(BIN)/python -m bench.report_overhead
+	$(BIN)/python -m bench.checkpoint_upload
 
 clean:
 	rm -rf runs .pytest_cache

@@ -9,7 +9,7 @@ Two Train workers (FSDP2 over gloo) on a local Ray pretrain ``--preset`` on the 
 (``time/checkpoint_stall_s``, measured by rank 0 from the start of the save to the loop going on)
 and the step time around it; from storage: that every checkpoint is complete and loads.
 
-    python bench/checkpoint_upload.py [--preset mae_vit_base_patch16] [--steps 9] [--every 4]
+    python -m bench.checkpoint_upload [--preset mae_vit_base_patch16] [--steps 9] [--every 4]
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from tests.support import RAY_LOCAL_ENV, apply_ray_env
 
 
 def main() -> None:
@@ -34,11 +31,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--every", type=int, default=4)
     a = ap.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1 only
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    from s3server import S3Server
+    apply_ray_env(RAY_LOCAL_ENV)
+    from tests.s3server import S3Server
     server = S3Server()
     work = tempfile.mkdtemp(prefix="bench-ckpt-")
     try:

@@ -8,19 +8,15 @@ of a typical ImageNet photo), one thread, no Ray.
   device (``decode_on_device(device="cpu")``) is printed too, as the cost the GPU takes over.
 
 Prints per-image CPU milliseconds and the ratio, and the decode-task cores a GPU needs at a given
-rate: ``cores = img/s x ms / 1000``. Run: ``python bench/decode_modes.py [--n 200] [--rate 4000]``.
+rate: ``cores = img/s x ms / 1000``. Run: ``python -m bench.decode_modes [--n 200] [--rate 4000]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def photos(n: int, seed: int = 0) -> list[bytes]:

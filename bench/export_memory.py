@@ -8,7 +8,7 @@ consolidates it twice, each in a fresh process whose peak RSS is measured:
 
 and a third process that only imports torch + the project, for the floor. Prints MiB and ratios.
 
-    .venv/bin/python bench/export_memory.py [--preset mae_vit_base_patch16]
+    .venv/bin/python -m bench.export_memory [--preset mae_vit_base_patch16]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 MEASURE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")

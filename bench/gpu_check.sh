@@ -8,7 +8,7 @@ OUT_DIR="${OUT:-bench_out}"; mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 HF=""; python3 -c "import transformers" 2>/dev/null && HF="--hf"
-python3 bench/gpu_step.py --models base,large $HF --out "$OUT_DIR/gpu_step.json" 2>&1 \
+python3 -m bench.gpu_step --models base,large $HF --out "$OUT_DIR/gpu_step.json" 2>&1 \
   | tee "$OUT_DIR/gpu_step.log"
 # data.decode=gpu: nvJPEG decode + crop + resize + patchify throughput at batch 256 (needs torchvision)
-python3 bench/gpu_decode_check.py --out "$OUT_DIR/gpu_decode.json" 2>&1 | tee "$OUT_DIR/gpu_decode.log" || true
+python3 -m bench.gpu_decode_check --out "$OUT_DIR/gpu_decode.json" 2>&1 | tee "$OUT_DIR/gpu_decode.log" || true

@@ -2,20 +2,16 @@
 batch 256 (``pipeline.gpu_decode.decode_on_device``), images/s; beside it the CPU mode's cost per
 image on this machine's CPU. Needs torch and torchvision (no Ray).
 
-    python bench/gpu_decode_check.py [--batch 256] [--iters 10] [--out gpu_decode.json]
+    python -m bench.gpu_decode_check [--batch 256] [--iters 10] [--out gpu_decode.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:

@@ -9,24 +9,21 @@ with the trainer's guarded step and eager or with `+compile` (train.compile: eac
 compiled); `plain`: the model alone with a bare AdamW step; HuggingFace's ViTMAEForPreTraining
 built with the same configuration (bf16 autocast) as a baseline. Each at two per-GPU batches.
 
-    python bench/gpu_step.py --models base,large [--variants fsdp2+fused,plain] [--hf]
+    python -m bench.gpu_step --models base,large [--variants fsdp2+fused,plain] [--hf]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mae_model import MaskedAutoencoder, get_preset  # noqa: E402
-from mae_model.parallelize import compile_blocks, mixed_precision, parallelize  # noqa: E402
-from jobs.core.optim import guarded_step  # noqa: E402
+from jobs.core.optim import guarded_step
+from mae_model import MaskedAutoencoder, get_preset
+from mae_model.parallelize import compile_blocks, mixed_precision, parallelize
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
 

@@ -2,20 +2,17 @@
 built with the same configuration (same widths/depths, mask ratio, norm-pix loss, LayerNorm eps
 1e-6, SDPA attention, fp32), in the same run. Prints both and the ratio.
 
-    python bench/model_step.py [--presets mae_vit_tiny_patch16,mae_vit_base_patch16] [--batch 8]
+    python -m bench.model_step [--presets mae_vit_tiny_patch16,mae_vit_base_patch16] [--batch 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mae_model import MaskedAutoencoder, get_preset  # noqa: E402
+from mae_model import MaskedAutoencoder, get_preset
 
 
 def hf_model(cfg):

@@ -10,7 +10,7 @@ user would write, and the decode-only ceiling, in one run.
 
 Images: JPEGs of ImageNet-like size (500x375, quality 90). Starts its own SeaweedFS on 127.0.0.1.
 
-    python bench/pipeline.py [--images 800] [--cores 2]
+    python -m bench.pipeline [--images 800] [--cores 2]
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from tests.support import RAY_LOCAL_ENV, apply_ray_env, upload_dir
 
 
 def natural_like(rng: np.random.Generator, w=500, h=375) -> np.ndarray:
@@ -239,10 +236,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true", help="measure ours and the decode-only cost only")
     a = ap.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from s3server import S3Server
+    apply_ray_env(RAY_LOCAL_ENV)
+    from tests.s3server import S3Server
     server = S3Server()
     tmp = tempfile.mkdtemp(prefix="mae-bench-")
     try:
@@ -255,7 +250,6 @@ def main():
         datas = make_images(a.images, os.path.join(tmp, "raw"))
         print(f"{a.images} JPEGs 500x375 q90, mean {np.mean([len(d) for d in datas]) / 1024:.0f} KB; "
               f"{a.cores} cores", flush=True)
-        from conftest import upload_dir
         upload_dir(os.path.join(tmp, "raw"), "s3://bench/raw")
         from jobs.core.common import init_ray
         init_ray(num_cpus=a.cores)

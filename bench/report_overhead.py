@@ -12,7 +12,7 @@ Both run the same micro MAE with 2 workers on a local Ray, data from a local fol
 one checkpoint at the end. Per-step time is the median gap between consecutive log lines
 (``metrics.jsonl``), steady state (the first 4 steps dropped).
 
-    python bench/report_overhead.py [--steps 48]
+    python -m bench.report_overhead [--steps 48]
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
+from tests.support import RAY_LOCAL_ENV, apply_ray_env, tiny_config
 
 
 def step_times(run_dir: str) -> list[float]:
@@ -39,8 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=48)
     a = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    apply_ray_env(RAY_LOCAL_ENV)
     tmp = tempfile.mkdtemp(prefix="mae-bench-report-")
     try:
         from pipeline.synthetic import write_labeled_folder
@@ -50,15 +47,12 @@ def main() -> None:
         from pipeline.prepare import PrepareConfig, prepare
         prepare(PrepareConfig(src=os.path.join(tmp, "src"), dst=os.path.join(tmp, "shards"), shard_size_mb=0.1),
                 progress=False)
-        from jobs.core.config import load
         from jobs.core.launch import fit
-        base = ["model.preset=mae_vit_micro_patch4", f"data.source={tmp}/shards", "data.decode_batch_size=16",
-                "data.rows_per_unit=32", "train.batch_size=16", "train.log_every=1", "train.vis_images=0",
-                f"train.max_steps={a.steps}", f"train.ckpt_every={a.steps}", "optim.warmup_steps=4",
-                "scaling.num_workers=2", f"run.storage_path={tmp}/runs"]
+        base = ["data.decode_batch_size=16", "data.rows_per_unit=32", "train.batch_size=16", "train.log_every=1",
+                f"train.max_steps={a.steps}", f"train.ckpt_every={a.steps}", "optim.warmup_steps=4"]
         med = {}
         for name, extra in (("before", ["train.report_every=1", "train.min_report_interval_s=0"]), ("now", [])):
-            cfg = load(None, [*base, f"run.name={name}", *extra])
+            cfg = tiny_config(f"{tmp}/shards", f"{tmp}/runs", name, *base, *extra, short_run=False)
             result, _ = fit(cfg, verbose=False)
             assert result.error is None
             med[name] = statistics.median(step_times(os.path.join(tmp, "runs", name)))

@@ -1,4 +1,5 @@
-"""Shared fixtures: one S3 server (behind a counting layer) and one Ray cluster (2 simulated nodes).
+"""Shared fixtures: one S3 server (behind a counting layer), one Ray cluster (2 simulated nodes),
+and shards prepared on them once per session.
 
 Both talk to 127.0.0.1 only. The S3 variables are set in the environment *before* Ray starts,
 so that every Ray worker (data tasks, Train workers) reaches the same endpoint.
@@ -13,31 +14,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")        # the test head needs no token
-# Without this, ray.init(address="127.0.0.1:port") "canonicalizes" the loopback address to the
-# machine's outward IP; the tests must only ever talk to 127.0.0.1.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")       # no phone-home
-# No Prometheus metrics export from every Ray process to its node's agent (nothing here reads them):
-# measured here, the idle test cluster costs 12% of a core without it and 21% with it, and every
-# run's worker processes pay it again.
-os.environ.setdefault("RAY_enable_metrics_collection", "0")
-# Each node's log monitor globs the logs directory for new files every 0.1 s while nothing is
-# printed; with this, every 0.5 s (its own back-off once a directory holds many files). Measured
-# here on the idle 2-node cluster: the two monitors cost 1.1% of a core instead of 2.7%.
-os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Test-speed settings of Ray Train V2 (read by its controller, which inherits this environment):
-# poll the workers every 0.5 s instead of 2 s (each report and each run's end waits for a poll),
-# and no preemption watcher (one actor process less per run; nothing here is preempted).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")  # Ray Train's own Prometheus gauges: not read here
-# Keep idle worker processes (default: any above the node's CPU count are killed after 1 s idle):
-# a decode task's worker has imported torch (~4 CPU-s); without this every run pays it again.
-os.environ.setdefault("RAY_num_workers_soft_limit", "10")
+from support import apply_ray_env  # noqa: E402
+
+apply_ray_env()
 
 
 @pytest.fixture(scope="session")
@@ -102,18 +81,37 @@ def labeled_dir(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def prepared_shards(bucket, ray_cluster):
+    """A factory: ``prepared_shards(src, name, **prepare_kwargs)`` runs ``mae prepare`` of the image
+    folder ``src`` to ``s3://<bucket>/<name>`` on the shared cluster and returns that URI, once per
+    session for the same arguments. ``prepare_kwargs`` are ``PrepareConfig`` fields; ``shared_fs``
+    is true unless given (the simulated nodes share one disk, so a local ``src`` is seen by all).
+    A name already prepared from other arguments is refused: its shards are not these."""
+    from pipeline.prepare import PrepareConfig, prepare
+    done: dict[str, tuple] = {}
+
+    def make(src: str, name: str, **prepare_kwargs) -> str:
+        kwargs = {"shared_fs": True, **prepare_kwargs}
+        key = (str(src), tuple(sorted(kwargs.items())))
+        dst = f"s3://{bucket}/{name}"
+        if name in done:
+            if done[name] != key:
+                raise ValueError(f"prepared_shards: {dst} was prepared from {done[name]}, not {key}")
+            return dst
+        prepare(PrepareConfig(src=str(src), dst=dst, **kwargs), progress=False)
+        done[name] = key
+        return dst
+
+    return make
+
+
 def scratch_dirs() -> set[str]:
     """The training attempts' scratch directories in this machine's temp dir (every simulated node's)."""
     import tempfile
 
     from jobs.core.common import SCRATCH_PREFIX
     return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith((SCRATCH_PREFIX, "mae-ckpt-"))}
-
-
-def upload_dir(local: str, s3_uri: str) -> None:
-    from pipeline.storage import fsspec_fs
-    fs, p = fsspec_fs(s3_uri)
-    fs.put(local.rstrip("/") + "/", p, recursive=True)
 
 
 def pytest_collection_modifyitems(session, config, items):

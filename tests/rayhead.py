@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from s3server import free_port
+from support import RAY_LOCAL_ENV
 
 BIN = os.path.dirname(sys.executable)
 
@@ -26,10 +27,9 @@ class RayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="rayhd-")  # short: Ray's socket paths have a length cap
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {**os.environ, **extra_env,
+        self.env = {**os.environ, **extra_env, **RAY_LOCAL_ENV,
                     "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),  # the job's `python`
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         self.env.pop("RAY_ADDRESS", None)
         self.gcs_port = free_port()
         from tmpclean import forkserver_dirs

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from support import tiny_config
 
 from jobs.core.probe import knn_top1, linear_probe_top1
 
@@ -72,38 +73,31 @@ def test_the_split_tag_runs_inside_the_decode_task(ray_cluster, labeled_dir, cap
 
 
 @pytest.fixture(scope="module")
-def digits_shards(bucket, ray_cluster, tmp_path_factory):
+def digits_shards(prepared_shards, tmp_path_factory):
     """Real images: scikit-learn's 1,797 handwritten digits (10 classes), through `mae prepare`."""
-    from pipeline.prepare import PrepareConfig, prepare
     from pipeline.synthetic import write_digits_folder
     src = tmp_path_factory.mktemp("digits")
     write_digits_folder(str(src))
-    dst = f"s3://{bucket}/eval-digits-shards"
-    prepare(PrepareConfig(src=str(src), dst=dst, shard_size_mb=0.05, val_fraction=0.25,
-                          shared_fs=True), progress=False)  # the simulated nodes share one disk
-    return dst
+    return prepared_shards(str(src), "eval-digits-shards", shard_size_mb=0.05, val_fraction=0.25)
 
 
 # The settings of bench/RESULTS.md ("Learning on real images"): 1000 steps of batch 32, lr 1e-3,
 # crops keeping >= 80% of the digit, no flips (a flipped digit is another glyph). One decode task:
 # on 2 cores, decode tasks free to run ahead took ~0.9 of a core from the trainer for the run's
 # first minute, then left it alone on one core (271 -> 236 s for this test).
-DIGITS = ["model.preset=mae_vit_micro_patch4", "data.crop_scale=[0.8,1.0]", "data.hflip=0", "train.batch_size=32",
-          "train.max_steps=1000", "train.log_every=100", "train.ckpt_every=1000", "train.vis_images=0",
-          "optim.lr=1e-3", "optim.warmup_steps=20", "optim.clip_grad=1.0", "scaling.num_workers=1",
-          "data.decode_concurrency=1"]
+DIGITS = ["data.crop_scale=[0.8,1.0]", "data.hflip=0", "train.batch_size=32", "train.max_steps=1000",
+          "train.log_every=100", "train.ckpt_every=1000", "optim.lr=1e-3", "optim.warmup_steps=20",
+          "optim.clip_grad=1.0", "scaling.num_workers=1", "data.decode_concurrency=1"]
 
 
 def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_shards, bucket, tmp_path):
     """End to end on real scans: `mae pretrain` on the digits' train split, then `mae evaluate` the
     checkpoint from object storage (features extracted in parallel on the cluster, both probes on
     both features, JSON beside the checkpoint) against the same encoder at random initialization."""
-    from jobs.core.config import load
     from jobs.evaluate import evaluate, main
     from jobs.core.launch import fit, run_dir_of
     from pipeline.storage import read_bytes
-    cfg = load(None, [*DIGITS, f"data.source={digits_shards}", f"run.storage_path=s3://{bucket}/runs",
-                      "run.name=eval-digits"])
+    cfg = tiny_config(digits_shards, f"s3://{bucket}/runs", "eval-digits", *DIGITS, short_run=False)
     assert fit(cfg)[0].error is None
     run = run_dir_of(cfg)
     trained = evaluate(run, digits_shards, workers=2, baseline=True)  # both encoders, one feature pass

@@ -11,13 +11,13 @@ from collections import Counter
 
 import pytest
 from conftest import scratch_dirs
+from support import tiny_config
 
 from jobs.core import checkpoint as ckpt
-from jobs.core.config import load
 from jobs.core.faults import ENV as FAULTS_ENV
 from jobs.core.launch import fit, run_dir_of
-from pipeline.prepare import PrepareConfig, prepare
 from jobs.core.optim import lr_at
+from pipeline.sources import read_manifest
 from pipeline.storage import read_bytes, write_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
@@ -68,17 +68,14 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
     return out
 
 
-def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_cluster, labeled_dir, monkeypatch):
-    shards = f"s3://{bucket}/many-shards"
-    m = prepare(PrepareConfig(src=labeled_dir, dst=shards, shard_size_mb=0.005, val_fraction=0.0,
-                          shared_fs=True), progress=False)  # the simulated nodes share one disk
+def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, prepared_shards, labeled_dir, monkeypatch):
+    shards = prepared_shards(labeled_dir, "many-shards", shard_size_mb=0.005, val_fraction=0.0)
+    m = read_manifest(shards)
     assert len(m["splits"]["train"]["files"]) >= 20  # many small shards (ImageNet has ~1,000)
-    common = ["model.preset=mae_vit_micro_patch4", f"data.source={shards}", "data.decode_batch_size=8",
-              "data.rows_per_unit=8", "data.shuffle_buffer=16", "train.batch_size=8", "train.log_every=1",
-              "train.ckpt_every=1", "train.keep_last=1", "train.best_metric=", "train.vis_images=0",
-              "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0",
-              f"run.storage_path=s3://{bucket}/runs", "run.name=long", "run.max_failures=2"]
-    cfg = load(None, [*common, "train.max_steps=12", "scaling.num_workers=2", "scaling.strategy=fsdp"])
+    common = ["data.rows_per_unit=8", "data.shuffle_buffer=16", "train.ckpt_every=1", "train.keep_last=1",
+              "train.best_metric=", "run.max_failures=2"]
+    cfg = tiny_config(shards, f"s3://{bucket}/runs", "long", *common, "train.max_steps=12", "scaling.num_workers=2",
+                      "scaling.strategy=fsdp")
     mark = s3.proxy.mark()
     before = scratch_dirs()
     with monkeypatch.context() as mp:  # the test-only fault hook (jobs.core.faults), read by the driver
@@ -114,7 +111,7 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
     # resume with another worker count and strategy (one worker: auto replicates, i.e. a plain
     # model, reading FSDP2's shards): the same global batch by accumulation, so the schedule and
     # the images seen go on as if nothing had changed
-    more = load(None, [*common, "train.max_steps=14", "scaling.num_workers=1"])
+    more = tiny_config(shards, f"s3://{bucket}/runs", "long", *common, "train.max_steps=14", "scaling.num_workers=1")
     result, plan = fit(more)
     assert result.error is None and plan.accum_steps == 2 and plan.global_batch == 16
     m = [json.loads(x) for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
@@ -130,6 +127,7 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, ray_clust
     assert st["strategy"] == "ddp"
     # a global batch the new worker count cannot make is refused in one line
     from jobs.core.common import UserError
-    odd = load(None, [*common, "train.max_steps=16", "train.batch_size=3", "scaling.num_workers=1"])
+    odd = tiny_config(shards, f"s3://{bucket}/runs", "long", *common, "train.max_steps=16", "train.batch_size=3",
+                      "scaling.num_workers=1")
     with pytest.raises(UserError, match="global batch 16 is not a multiple of 3"):
         fit(odd)

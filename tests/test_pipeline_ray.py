@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import upload_dir
+from support import upload_dir
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset
 from pipeline.prepare import PrepareConfig, prepare

@@ -12,9 +12,9 @@ import time
 
 import pytest
 from conftest import scratch_dirs
+from support import tiny_config, tiny_overrides
 
 from jobs.core import checkpoint as ckpt
-from jobs.core.config import load
 from jobs.core.faults import ENV as FAULTS_ENV
 from jobs.core.launch import fit, run_dir_of
 from pipeline.prepare import PrepareConfig, prepare
@@ -24,20 +24,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def shards(labeled_dir, bucket, ray_cluster):
-    dst = f"s3://{bucket}/pretrain-shards"
-    prepare(PrepareConfig(src=labeled_dir, dst=dst, shard_size_mb=0.05,
-                          shared_fs=True), progress=False)  # the simulated nodes share one disk
-    return dst
+def shards(prepared_shards, labeled_dir):
+    return prepared_shards(labeled_dir, "pretrain-shards", shard_size_mb=0.05)
 
 
 def config(shards, bucket, name, *extra):
-    return load(None, [
-        "model.preset=mae_vit_micro_patch4", f"data.source={shards}", "data.decode_batch_size=8", "data.rows_per_unit=16",
-        "data.shuffle_buffer=32", "train.batch_size=8", "train.log_every=1", "train.vis_images=4",
-        "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0",
-        "scaling.num_workers=2", f"run.storage_path=s3://{bucket}/runs", f"run.name={name}",
-        "run.max_failures=2", *extra])
+    """A tiny run of this module: 4 images in its reconstruction picture, 2 restarts on failure."""
+    return tiny_config(shards, f"s3://{bucket}/runs", name, "train.vis_images=4", "run.max_failures=2", *extra)
 
 
 def metrics_of(cfg):
@@ -286,9 +279,9 @@ def test_a_failed_run_is_one_line_and_exit_1(shards, bucket, capsys):
     from jobs.pretrain import main
     missing = f"s3://{bucket}/no/such/encoder.pth"
     with pytest.raises(SystemExit) as e:
-        main(["model.preset=mae_vit_micro_patch4", f"data.source={shards}", "train.max_steps=2", "train.batch_size=8",
-              "scaling.num_workers=1", "run.max_failures=0", f"model.init_from={missing}",
-              f"run.storage_path=s3://{bucket}/runs", "run.name=fails"])
+        main(tiny_overrides(shards, f"s3://{bucket}/runs", "fails", "train.max_steps=2", "train.vis_images=8",
+                            "scaling.num_workers=1", "run.max_failures=0", f"model.init_from={missing}",
+                            short_run=False))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1
     assert err[-1].startswith("mae pretrain: error: the run failed: rank 0: ") and "no/such/encoder.pth" in err[-1], err

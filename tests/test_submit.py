@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from support import tiny_overrides
 
 from pipeline.storage import fsspec_fs
 
@@ -130,12 +131,10 @@ def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, lab
 
     runs = f"s3://{bucket}/submit/runs"
     r = mae("submit", "--address", head.address, "--follow", "--", "pretrain",
-            "model.preset=mae_vit_micro_patch4", f"model.init_from=s3://{bucket}/submit/init.pth",
-            f"data.source={shards}", "data.decode_batch_size=8", "data.rows_per_unit=16",
-            "data.shuffle_buffer=32", "train.batch_size=8", "train.max_steps=8", "train.ckpt_every=4",
-            "train.log_every=2", "train.vis_images=0", "optim.warmup_steps=2", "scaling.num_workers=2",
-            "scaling.strategy=fsdp",
-            f"run.storage_path={runs}", "run.name=submitted", token=head.token)
+            *tiny_overrides(shards, runs, "submitted", f"model.init_from=s3://{bucket}/submit/init.pth",
+                            "train.max_steps=8", "train.ckpt_every=4", "train.log_every=2", "scaling.strategy=fsdp",
+                            "optim.base_lr=1.5e-4", "optim.clip_grad=0"),
+            token=head.token)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     sid = r.stdout.splitlines()[0].strip()
@@ -194,9 +193,9 @@ def test_failed_and_stopped_jobs_exit_with_their_status(head, bucket, labeled_di
     assert "mae pretrain: error:" in r.stdout and "no_such_preset" in r.stdout and "FAILED" in r.stderr
 
     # a job stopped while it runs: `mae jobs logs --follow` exits 3 (stopped)
-    r = mae("submit", "--address", head.address, "--", "pretrain", "model.preset=mae_vit_micro_patch4",
-            f"data.source={labeled_dir}", "train.batch_size=8", "train.max_steps=100000", "train.vis_images=0",
-            "scaling.num_workers=1", f"run.storage_path=s3://{bucket}/submit/runs", "run.name=stopped",
+    r = mae("submit", "--address", head.address, "--", "pretrain",
+            *tiny_overrides(labeled_dir, f"s3://{bucket}/submit/runs", "stopped", "train.max_steps=100000",
+                            "scaling.num_workers=1", short_run=False),
             token=head.token)
     assert r.returncode == 0, r.stderr
     sid = r.stdout.strip()

@@ -11,29 +11,25 @@ import sys
 import time
 
 import pytest
+from support import tiny_config, tiny_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, WORKERS = 16, 8, 2
 BUDGET = STEPS * BATCH * WORKERS  # images per trial
-BASE = ["model.preset=mae_vit_micro_patch4", "data.rows_per_unit=16", "data.decode_batch_size=8",
-        f"train.batch_size={BATCH}", f"train.max_steps={STEPS}", "train.log_every=4", "train.ckpt_every=16",
-        "train.vis_images=0", "train.knn_train_images=128", "train.knn_val_images=48",
-        "optim.base_lr=0.02", "optim.warmup_steps=2", "optim.clip_grad=1.0", f"scaling.num_workers={WORKERS}",
-        "train.min_report_interval_s=0", "run.max_failures=0"]
+TRIAL = [f"train.batch_size={BATCH}", f"train.max_steps={STEPS}", f"scaling.num_workers={WORKERS}",
+         "data.shuffle_buffer=1024", "train.log_every=4", "train.ckpt_every=16", "train.knn_train_images=128",
+         "train.knn_val_images=48", "train.min_report_interval_s=0", "run.max_failures=0"]
+"""A trial's run: these over the tiny run's settings (tests/support.py)."""
 
 
 @pytest.fixture(scope="module")
-def tune_shards(bucket, ray_cluster, tmp_path_factory):
-    from pipeline.prepare import PrepareConfig, prepare
+def tune_shards(prepared_shards, tmp_path_factory):
     from pipeline.synthetic import write_labeled_folder
     src = tmp_path_factory.mktemp("tune-labeled")
     write_labeled_folder(str(src), n_per_class=48, size=48, seed=1)  # 192 images, 4 classes
-    dst = f"s3://{bucket}/tune-shards"
-    prepare(PrepareConfig(src=str(src), dst=dst, shard_size_mb=0.05, val_fraction=0.3, rows_per_row_group=8,
-                          shared_fs=True), progress=False)  # the simulated nodes share one disk
-    return dst
+    return prepared_shards(str(src), "tune-shards", shard_size_mb=0.05, val_fraction=0.3, rows_per_row_group=8)
 
 
 def test_trial_drivers_ask_for_a_stable_node():
@@ -75,10 +71,10 @@ def test_a_driver_that_decodes_no_images_never_imports_torch(labeled_dir):
     """Loading a config and planning a run without pictures or k-NN probe (the `mae tune` driver, a
     loss-objective trial's driver) needs no torch: checking a config imported FSDP for the list of
     strategies, and the plan the optimizer module for the lr rule (2-4 s of CPU in each here)."""
+    overrides = tiny_overrides(labeled_dir, None, None, short_run=False)
     code = ("import sys; from jobs.core.config import load; from jobs.core.launch import make_plan; "
             "from pipeline.sources import resolve; import jobs.core.worker, jobs.tune; "
-            f"cfg = load(None, ['data.source={labeled_dir}', 'model.preset=mae_vit_micro_patch4', "
-            "'train.batch_size=8', 'train.vis_images=0']); "
+            f"cfg = load(None, {overrides!r}); "
             "p = make_plan(cfg, resolve(cfg.data.source, 'train', 0.0, 0), 0.0); "
             "assert p.vis is None and p.probe is None and p.total_steps > 0; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
@@ -91,12 +87,11 @@ def test_probe_images_cost_bytes_in_proportion_and_are_class_balanced(tune_shard
     the label column of every shard plus the image column of each shard holding a chosen row."""
     import numpy as np
 
-    from jobs.core.config import load
     from jobs.core.launch import probe_data
     from pipeline.storage import list_files
     def probe(n_train, n_val):
-        cfg = load(None, [*BASE, f"data.source={tune_shards}", "train.knn_eval=true",
-                          f"train.knn_train_images={n_train}", f"train.knn_val_images={n_val}"])
+        cfg = tiny_config(tune_shards, None, None, *TRIAL, "train.knn_eval=true",
+                          f"train.knn_train_images={n_train}", f"train.knn_val_images={n_val}")
         mark = s3.proxy.mark()
         p = probe_data(cfg)
         return p, sum(r.received for r in s3.proxy.since(mark, f"/{bucket}/tune-shards/") if r.method == "GET")
@@ -117,14 +112,13 @@ def test_probe_images_cost_bytes_in_proportion_and_are_class_balanced(tune_shard
 # the sane trial's cutoff is taken over NaN alone (no cut: what the test expects), and numpy warns
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, bucket):
-    from jobs.core.config import load
     from jobs.tune import OBJECTIVE, run_tune
     from pipeline.storage import read_bytes
     # one worker per trial here (the scheduler is under test; the resume test below runs 2), and no
     # k-NN probe beside the loss (the resume test's objective is the k-NN): without it and without
     # pictures, a trial's driver reads no images and never imports torch
-    base = load(None, [*BASE, "scaling.num_workers=1", f"train.batch_size={BATCH * WORKERS}",
-                       f"data.source={tune_shards}", f"run.storage_path=s3://{bucket}/tune"])
+    base = tiny_config(tune_shards, f"s3://{bucket}/tune", None, *TRIAL, "scaling.num_workers=1",
+                       f"train.batch_size={BATCH * WORKERS}")
     # A learning-rate search, objective the loss (the trials share the mask ratio). Grid in order,
     # two trials at a time: a sane learning rate beside an absurd one (1000: the loss turns
     # non-finite at the first report and the guard ends the trial: its NaN is no rival at the
@@ -199,8 +193,9 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
     storage = f"s3://{bucket}/tune-restore"
     steps = 8
     # grace = the whole budget: ASHA cuts nothing here, so every trial must end with its final checkpoint
-    args = [sys.executable, "-m", "jobs.tune", *BASE, f"train.max_steps={steps}", f"data.source={tune_shards}",
-            f"run.storage_path={storage}", "--search", "optuna", "--num-samples", "2",
+    args = [sys.executable, "-m", "jobs.tune", *tiny_overrides(tune_shards, storage, None, *TRIAL,
+                                                               f"train.max_steps={steps}"),
+            "--search", "optuna", "--num-samples", "2",
             "--space", "model.overrides.mask_ratio=0.5,0.75,0.9", "--space", "model.overrides.decoder_depth=1,2",
             "--name", "resumable", "--max-concurrent", "1", "--grace-images", str(steps * BATCH * WORKERS)]
     # Tune saves its experiment state every 10 s by default; every second here, so that the first
