@@ -29,21 +29,22 @@ The benches take only these: what they measure is Ray with its own defaults."""
 RAY_TEST_ENV: dict[str, str] = {
     **RAY_LOCAL_ENV,
     # No Prometheus metrics export from every Ray process to its node's agent (nothing here reads
-    # them): measured here, the idle test cluster costs 12% of a core without it and 21% with it,
+    # them): on 2 cores, the idle test cluster costs 12% of a core without it and 21% with it,
     # and every run's worker processes pay it again.
     "RAY_enable_metrics_collection": "0",
     # Each node's log monitor globs the logs directory for new files every 0.1 s while nothing is
-    # printed; with this, every 0.5 s (its own back-off once a directory holds many files). Measured
-    # here on the idle 2-node cluster: the two monitors cost 1.1% of a core instead of 2.7%.
+    # printed; with this, every 0.5 s (its own back-off once a directory holds many files). On the
+    # idle 2-node cluster: the two monitors cost 1.1% of a core instead of 2.7%.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "RAY_TRAIN_V2_ENABLED": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # Test-speed settings of Ray Train V2 (read by its controller, which inherits this environment):
     # poll the workers every 0.5 s instead of 2 s (each report and each run's end waits for a poll),
-    # and no preemption watcher (one actor process less per run; nothing here is preempted).
+    # and no preemption watcher (one actor process less per run; the one test of a preemption turns
+    # it on for its run).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",  # Ray Train's own Prometheus gauges: not read here
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # Ray Train's own Prometheus gauges: not read by the tests
     # Keep idle worker processes (default: any above the node's CPU count are killed after 1 s
     # idle): a decode task's worker has imported torch (~4 CPU-s); without this every run pays it again.
     "RAY_num_workers_soft_limit": "10",

@@ -276,9 +276,10 @@ def test_a_trial_whose_driver_node_is_lost_is_retried_and_resumes(tune_shards, b
     victim = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"driver_pool": 1},
                                   object_store_memory=200 * 2**20)
     ray_cluster.wait_for_nodes()
-    args = [sys.executable, "-m", "jobs.tune", *BASE, "scaling.num_workers=1", f"train.max_steps={steps}",
-            "train.ckpt_every=4", "train.log_every=4", f"data.source={tune_shards}", f"run.storage_path={storage}",
-            "run.trial_driver_resources={driver_pool: 0.01}", "run.trial_retries=2", "--objective", "loss",
+    args = [sys.executable, "-m", "jobs.tune",
+            *tiny_overrides(tune_shards, storage, None, *TRIAL, "scaling.num_workers=1", f"train.max_steps={steps}",
+                            "train.ckpt_every=4", "train.log_every=4", "run.trial_driver_resources={driver_pool: 0.01}",
+                            "run.trial_retries=2"), "--objective", "loss",
             "--space", "optim.lr=0.005", "--name", "spot", "--grace-images", str(steps * BATCH)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = open(tmp_path / "tune.log", "wb")
