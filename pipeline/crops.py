@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from .decode import DEFAULT_MAX_PIXELS, displayed_size, open_image
+from .decode import DEFAULT_MAX_PIXELS, displayed_size, exif_orientation, open_image
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,21 @@ def center_crop_box(width: int, height: int, img_size: int, crop_pct: float) -> 
     return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
 
 
-def crop_plan(data: bytes, cfg: TransformConfig, rng: np.random.Generator) -> tuple[tuple[float, float, float, float], bool]:
-    """Header only -> (box (l, t, r, b) in displayed pixels, flip), drawn exactly as
-    :func:`pipeline.transforms.transform_image` draws them. Raises SkipImage."""
-    W, H = displayed_size(open_image(data, cfg.max_pixels))
+class CropPlan(NamedTuple):
+    box: tuple[float, float, float, float]  # (l, t, r, b) in displayed (post-EXIF) pixels
+    flip: bool
+    orient: int  # EXIF orientation 1-8: how the stored pixels turn into the displayed ones
+
+
+def crop_plan(data: bytes, cfg: TransformConfig, rng: np.random.Generator) -> CropPlan:
+    """Header only -> (box (l, t, r, b) in displayed pixels, flip, EXIF orientation), the box and
+    flip drawn exactly as :func:`pipeline.transforms.transform_image` draws them. A decoder that
+    returns the stored pixels (nvJPEG) must apply ``orient`` before cropping. Raises SkipImage."""
+    header = open_image(data, cfg.max_pixels)
+    W, H = displayed_size(header)
+    orient = exif_orientation(header)
     if cfg.train:
         l, t, w, h = random_resized_crop_params(W, H, rng, cfg.scale, cfg.ratio)
         box = (l, t, l + w, t + h)
-        return box, bool(rng.random() < cfg.hflip)
-    return center_crop_box(W, H, cfg.img_size, cfg.crop_pct), False
+        return CropPlan(box, bool(rng.random() < cfg.hflip), orient)
+    return CropPlan(center_crop_box(W, H, cfg.img_size, cfg.crop_pct), False, orient)

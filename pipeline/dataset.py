@@ -58,8 +58,9 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
     """{"image": bytes[n], "key"|"path": str[n], ["label"]} -> ({"patches": uint8 [m, L, D],
     "label": int64 [m]}, decoded count, {skip reason: [keys]}). Crops are seeded by (seed, epoch, key).
     ``mode="gpu"``: headers only -> {"image": bytes [m], "box": float32 [m, 4], "flip": bool [m],
-    "label"} for :func:`pipeline.gpu_decode.decode_on_device` (broken headers are skips here; a body
-    that fails to decode is counted by the worker)."""
+    "orient": int8 [m] (EXIF orientation 1-8), "label"} for
+    :func:`pipeline.gpu_decode.decode_on_device` (broken headers are skips here; a body that fails
+    to decode is counted by the worker)."""
     images = batch["image"] if "image" in batch else batch["bytes"]
     keys = batch["key"] if "key" in batch else batch["path"]
     labels = batch.get("label")
@@ -72,15 +73,17 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
     plan = mode == "gpu"
     if not plan:  # here, not at the top: the actors that unpickle this module never import torch
         transform_image = import_whole(f"{__package__}.transforms").transform_image
-    if plan:  # the device decodes: ship the bytes, the crop box and the flip (the same draws)
+    if plan:  # the device decodes: ship the bytes, the crop box and flip (the same draws), and
+        # the EXIF orientation, which nvJPEG does not apply
         out = np.empty(len(images), object)
         boxes, flips = np.zeros((len(images), 4), np.float32), np.zeros(len(images), bool)
+        orients = np.ones(len(images), np.int8)
     for i, (data, key) in enumerate(zip(images, keys)):
         key = str(key)
         raw = bytes(data) if data is not None else b""
         try:
             if plan:
-                (boxes[n], flips[n]), out[n] = crop_plan(raw, tcfg, _row_rng(seed, epoch, key)), raw
+                (boxes[n], flips[n], orients[n]), out[n] = crop_plan(raw, tcfg, _row_rng(seed, epoch, key)), raw
             else:
                 transform_image(raw, tcfg, _row_rng(seed, epoch, key), out=out[n])
         except SkipImage as e:
@@ -94,7 +97,8 @@ def decode_batch(batch: dict, *, tcfg: TransformConfig, seed: int, epoch: int,
             out_labels[n] = -1 if lab is None else lab
         n += 1
     if plan:
-        return {"image": out[:n], "box": boxes[:n], "flip": flips[:n], "label": out_labels[:n]}, n, skipped
+        return {"image": out[:n], "box": boxes[:n], "flip": flips[:n], "orient": orients[:n],
+                "label": out_labels[:n]}, n, skipped
     return {"patches": out[:n], "label": out_labels[:n]}, n, skipped
 
 

@@ -49,11 +49,18 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return img
 
 
-def _exif_transposes(img: Image.Image) -> bool:
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) that ``ImageOps.exif_transpose`` applies, from the header alone;
+    1 (as stored) when the tag is absent, unreadable or out of range."""
     try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap w and h
+        o = img.getexif().get(0x0112, 1)
+        return int(o) if o in (1, 2, 3, 4, 5, 6, 7, 8) else 1  # what exif_transpose's table matches
     except Exception:  # noqa: BLE001
-        return False
+        return 1
+
+
+def _exif_transposes(img: Image.Image) -> bool:
+    return exif_orientation(img) >= 5  # orientations 5-8 swap w and h
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -5,9 +5,14 @@ At thousands of images per second per GPU, CPU decode needs 16-28 cores per GPU
 it reads the bytes, opens the header (size, EXIF orientation, the checks of ``open_image``) and
 draws the crop box and flip with the same per-row seed as the CPU path
 (:func:`pipeline.dataset._row_rng`), so both modes see the same crops. It ships the encoded bytes
-(about 1/10 of the decoded crop) with the box. The training worker then decodes the batch with
-nvJPEG (``torchvision.io.decode_jpeg`` on a list, one batched call), crops, resizes (antialiased
-bicubic), flips and patchifies on the device into the same uint8 ``[B, L, p*p*3]`` as the CPU path.
+(about 1/10 of the decoded crop) with the box, the flip and the EXIF orientation. The training
+worker then decodes the batch with nvJPEG (``torchvision.io.decode_jpeg`` on a list, one batched
+call), turns each image as its EXIF orientation says (the box is in displayed pixels), crops,
+resizes (antialiased bicubic), flips and patchifies on the device into the same uint8
+``[B, L, p*p*3]`` as the CPU path.
+
+EXIF orientation is applied here, once, for every device: nvJPEG ignores it, and torchvision's CPU
+decoder applies it only when asked, so the decoder is never asked (``apply_exif_orientation=False``).
 
 Non-JPEG images (PNG, WebP, ...) are decoded on the worker's CPU by the CPU path's own decoder and
 then go through the same device code; an image that fails to decode is skipped and counted.
@@ -22,20 +27,32 @@ import torch
 import torch.nn.functional as F
 
 from .crops import crop_plan  # noqa: F401 (the task-side half, re-exported)
-from .decode import SkipImage, decode
+from .decode import SkipImage, decode, exif_orientation, open_image
 from .patchify import patchify
 
 JPEG_MAGIC = b"\xff\xd8"
 
 
-def _decode_all(images: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """Encoded images -> CHW uint8 RGB tensors on ``device`` (None: undecodable). JPEGs in one
-    batched call (one call per image only when the batch holds a broken one); others on the CPU."""
+def exif_orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) stored pixels -> the displayed (C, H, W), or (C, W, H) for orientations 5-8: the
+    flips and transposes ``PIL.ImageOps.exif_transpose`` applies for EXIF ``orientation`` (1-8;
+    any other value leaves the image as stored). A view where no flip is needed."""
+    if orientation in (5, 6, 7, 8):
+        img = img.transpose(-2, -1)  # 5: TRANSPOSE, then the flips that make 6, 7 and 8 of it
+    dims = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(int(orientation))
+    return img.flip(dims) if dims else img
+
+
+def _decode_all(images: list[bytes], orients: list[int], device: torch.device) -> list[torch.Tensor | None]:
+    """Encoded images [B], EXIF orientations [B] -> CHW uint8 RGB tensors on ``device`` as displayed
+    (None: undecodable). JPEGs in one batched call (one call per image only when the batch holds a
+    broken one), their orientation applied here; others on the CPU by the CPU path's decoder."""
     from torchvision.io import ImageReadMode, decode_jpeg
     out: list[torch.Tensor | None] = [None] * len(images)
     jpegs = [i for i, d in enumerate(images) if d[:2] == JPEG_MAGIC]
     raw = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in jpegs]
-    kw = {"mode": ImageReadMode.RGB, "device": device, "apply_exif_orientation": True}
+    # stored pixels on every device (nvJPEG cannot orient; the CPU decoder could): turned below
+    kw = {"mode": ImageReadMode.RGB, "device": device, "apply_exif_orientation": False}
     try:
         decoded = decode_jpeg(raw, **kw) if raw else []
     except RuntimeError:  # one broken file fails the whole call: find it
@@ -46,12 +63,12 @@ def _decode_all(images: list[bytes], device: torch.device) -> list[torch.Tensor 
             except RuntimeError:
                 decoded.append(None)
     for i, img in zip(jpegs, decoded):
-        out[i] = img
+        out[i] = None if img is None else exif_orient(img, orients[i])
     for i, d in enumerate(images):
         if out[i] is not None:
             continue
         # not a JPEG, or one the device decoder refuses (CMYK, ...): the CPU path's decoder
-        # (modes, alpha, 16-bit, EXIF), then the same device code
+        # (modes, alpha, 16-bit, EXIF orientation), then the same device code
         try:
             arr = np.asarray(decode(bytes(d)))
             out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(device)
@@ -60,16 +77,27 @@ def _decode_all(images: list[bytes], device: torch.device) -> list[torch.Tensor 
     return out
 
 
-def decode_on_device(images: list[bytes], boxes: np.ndarray, flips: np.ndarray, *, img_size: int,
-                     patch_size: int, device: torch.device) -> tuple[torch.Tensor, np.ndarray, int]:
+def _header_orientation(data: bytes) -> int:
+    try:
+        return exif_orientation(open_image(bytes(data)))
+    except SkipImage:
+        return 1
+
+
+def decode_on_device(images: list[bytes], boxes: np.ndarray, flips: np.ndarray, orients: np.ndarray | None = None,
+                     *, img_size: int, patch_size: int, device: torch.device) -> tuple[torch.Tensor, np.ndarray, int]:
     """images: encoded bytes [B]; boxes: float [B, 4] (l, t, r, b) in displayed pixels; flips: bool
-    [B] -> (uint8 patches [B', L, p*p*3] on ``device``, indices of the kept rows [B'], skipped count).
+    [B]; orients: int [B], EXIF orientation 1-8 (:func:`crop_plan`'s; None: read here from the
+    headers) -> (uint8 patches [B', L, p*p*3] on ``device``, indices of the kept rows [B'], skipped
+    count).
 
     Crop as :func:`pipeline.transforms.resize_crop_chw` rounds the box; resize by antialiased bicubic
     in float (torch's uint8 kernel is CPU-only), rounded back to uint8.
     """
     S, p = img_size, patch_size
-    decoded = _decode_all(list(images), device)
+    images = list(images)
+    orients = [_header_orientation(d) for d in images] if orients is None else [int(o) for o in orients]
+    decoded = _decode_all(images, orients, device)
     crops, keep = [], []
     for i, img in enumerate(decoded):
         if img is None:

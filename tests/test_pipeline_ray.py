@@ -275,9 +275,9 @@ def test_gpu_decode_mode_streams_bytes_and_boxes_that_decode_to_the_cpu_modes_pa
     want = np.concatenate([b["patches"] for b in cpu])
     got, labels = [], []
     for b in gpu:
-        assert set(b) == {"image", "box", "flip", "label"}
-        x, keep, skipped = decode_on_device(b["image"], b["box"], b["flip"], img_size=32, patch_size=4,
-                                            device=torch.device("cpu"))
+        assert set(b) == {"image", "box", "flip", "orient", "label"}
+        x, keep, skipped = decode_on_device(b["image"], b["box"], b["flip"], b["orient"], img_size=32,
+                                            patch_size=4, device=torch.device("cpu"))
         assert skipped == 0
         got.append(x.numpy())
         labels.append(b["label"][keep])

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.decode import SkipImage, decode
 from pipeline.patchify import patchify, unpatchify
@@ -164,6 +164,81 @@ def test_device_decode_skips_and_counts_a_body_it_cannot_decode():
     assert keep.tolist() == [0, 2] and skipped == 1 and got.shape[0] == 2
     with pytest.raises(SkipImage):  # a header that is not an image is a skip in the decode task
         crop_plan(b"not an image at all", cfg, np.random.default_rng(0))
+
+
+def _shown_as(shown: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes:
+    """An image file whose stored pixels, turned as its EXIF ``orientation`` says (what
+    ``ImageOps.exif_transpose`` does), are ``shown`` (H, W, 3)."""
+    undo = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_270}
+    img = Image.fromarray(shown)
+    if orientation in undo:
+        img = img.transpose(undo[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, fmt, exif=exif.tobytes(), **({"quality": 90} if fmt == "JPEG" else {}))
+
+
+def _asymmetric(h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8, smooth, and changed by every flip and transpose: red ramps left to right,
+    green top to bottom, blue rings around an off-centre point."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    rings = 127 + 100 * np.sin(np.hypot(yy - 0.3 * h, xx - 0.7 * w) / 5)
+    return np.stack([40 + 180 * xx / w, 30 + 190 * yy / h, rings], -1).round().astype(np.uint8)
+
+
+def test_exif_orient_turns_a_tensor_as_pil_does():
+    import torch
+
+    from pipeline.gpu_decode import exif_orient
+    stored = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    for o in range(0, 10):  # 0 and 9: not orientations, left as stored (as PIL does)
+        exif = Image.Exif()
+        exif[0x0112] = o
+        img = Image.open(io.BytesIO(encode(stored, "PNG", exif=exif.tobytes())))  # lossless
+        want = np.asarray(ImageOps.exif_transpose(img))
+        got = exif_orient(torch.from_numpy(stored).permute(2, 0, 1), o).permute(1, 2, 0).numpy()
+        assert np.array_equal(got, want), o
+
+
+@pytest.mark.parametrize("decoder", ["ignores_exif", "torchvision_cpu"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_device_decode_applies_exif_orientation_before_the_crop(orientation, decoder, monkeypatch):
+    """The crop boxes are drawn in displayed (post-EXIF) pixels; nvJPEG returns the stored ones.
+    With a decoder that ignores EXIF as nvJPEG does (torchvision's CPU decoder told to), and with
+    torchvision's CPU decoder as it is (which applies EXIF only when asked: never twice), a JPEG of
+    every orientation gives the CPU pipeline's patches, train and eval crops alike."""
+    import torch
+    import torchvision.io
+
+    from pipeline.gpu_decode import crop_plan, decode_on_device
+    if decoder == "ignores_exif":
+        real = torchvision.io.decode_jpeg
+
+        def like_nvjpeg(*a, **kw):
+            return real(*a, **{**kw, "apply_exif_orientation": False})
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", like_nvjpeg)
+    shown = _asymmetric(72, 120)  # w != h: orientations 5-8 swap them
+    data = _shown_as(shown, orientation)
+    assert np.abs(np.asarray(decode(data)).astype(int) - shown).mean() < 2  # displayed as `shown`
+    for train in (True, False):
+        cfg = TransformConfig(img_size=32, patch_size=4, train=train, hflip=0.0, reduced_decode=False)
+        want = np.stack([transform_image(data, cfg, np.random.default_rng([3, i])) for i in range(4)])
+        plans = [crop_plan(data, cfg, np.random.default_rng([3, i])) for i in range(4)]
+        assert all(p.orient == orientation for p in plans)
+        boxes = np.asarray([p.box for p in plans], np.float32)
+        orients = np.asarray([p.orient for p in plans], np.int8)
+        got, keep, skipped = decode_on_device([data] * 4, boxes, np.zeros(4, bool), orients, img_size=32,
+                                              patch_size=4, device=torch.device("cpu"))
+        assert skipped == 0 and tuple(got.shape) == want.shape
+        diff = np.abs(got.numpy().astype(int) - want.astype(int))
+        # the tolerance of the device path's other tests: float vs uint8 fixed-point bicubic
+        assert diff.mean() < 0.5 and (diff <= 1).mean() > 0.995 and diff.max() <= 16, (train, diff.mean(), diff.max())
+        # the orientation shipped or read from the header here: the same pixels
+        again, _, _ = decode_on_device([data] * 4, boxes, np.zeros(4, bool), img_size=32, patch_size=4,
+                                       device=torch.device("cpu"))
+        assert torch.equal(again, got)
 
 
 def test_a_crop_changes_with_the_epoch_and_not_with_a_restart():

@@ -158,8 +158,9 @@ class Trainer:
                                 "skipped as corrupt than the plan's spare epoch covers; see the skip counts")
         if self.cfg.data.decode == "gpu":  # JPEG bytes + crop boxes: decoded here, on the device
             from pipeline.gpu_decode import decode_on_device
-            x, _, skipped = decode_on_device(batch["image"], batch["box"], batch["flip"], img_size=self.cfg.data.img_size,
-                                             patch_size=self.cfg.data.patch_size, device=self.device)
+            x, _, skipped = decode_on_device(batch["image"], batch["box"], batch["flip"], batch.get("orient"),
+                                             img_size=self.cfg.data.img_size, patch_size=self.cfg.data.patch_size,
+                                             device=self.device)
             self.window.device_skips += skipped
             self.window.device_decode_s += time.perf_counter() - t0 - waited
             # A batch none of whose images decoded (rare: all broken) repeats the last good one, so
