@@ -38,7 +38,7 @@ def load_model(ckpt_uri: str, random_init: bool = False, seed: int = 0) -> Maske
         torch.manual_seed(seed)
         return MaskedAutoencoder(model_config_of(ckpt_uri))
     with tempfile.TemporaryDirectory(prefix="mae-eval-") as tmp:
-        return ckpt_tools.consolidate(ckpt_tools.local_checkpoint(ckpt_uri, tmp))
+        return ckpt_tools.consolidate(ckpt_tools.local_checkpoint(ckpt_uri, tmp), source=ckpt_uri)
 
 
 class _Features:

@@ -62,6 +62,26 @@ def to_official_state_dict(model: MaskedAutoencoder, *, encoder_only: bool = Fal
     return out
 
 
+def _load_pth(path: str):
+    """``torch.load(weights_only=True)`` of a ``.pth``: tensors and plain values only, plus the
+    ``argparse.Namespace`` (``args``) that the official ``main_pretrain.py`` saves next to
+    ``model``, ``optimizer``, ``epoch`` and ``scaler`` (allowed for this load only, not globally).
+    Anything else, which could run code, is refused in one line (OfficialLayoutError)."""
+    import argparse
+    import pickle
+    import re
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled object of class {m.group(1)}" if m else "an object that is not plain data"
+        raise OfficialLayoutError(
+            f"{path}: holds {what}, which a weights file never holds: refusing to load it (it could run "
+            "code); use the original file, or re-save its state dict from a trusted copy "
+            "(torch.save({'model': state_dict}, ...))") from None
+
+
 def _read(state_dict_or_path) -> Mapping[str, torch.Tensor]:
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         path = os.fspath(state_dict_or_path)
@@ -71,7 +91,7 @@ def _read(state_dict_or_path) -> Mapping[str, torch.Tensor]:
             from safetensors.torch import load_file
             sd = load_file(path)
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = _load_pth(path)
     else:
         sd = state_dict_or_path
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):

@@ -6,6 +6,7 @@ Layout of one checkpoint (a directory under the run directory)::
         .metadata, __0_0.distcp, __1_0.distcp, ...  standard torch.distributed.checkpoint (DCP):
                                                      model + optimizer, resharding on load; torch's
                                                      own FileSystemReader / dcp_to_torch_save read it
+                                                     (this project reads it as data: jobs.core.safeload)
         rng_rank0.pt, ...                            per-rank RNG states (tensors only: weights_only)
         train_state.json                             step, images seen (the data position), metrics
         config.yaml                                  the resolved run config
@@ -260,12 +261,12 @@ class Finalizer:
 # ---------------------------------------------------------------------------- load
 def dcp_reader(ckpt: Store):
     """A DCP storage reader straight on the checkpoint directory: each rank reads only the byte
-    ranges of the shards it needs (no download of the whole checkpoint)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    ranges of the shards it needs (no download of the whole checkpoint). Its ``.metadata`` is
+    unpickled through an allowlist (jobs.core.safeload): a writer of the bucket runs no code here."""
+    from jobs.core.safeload import SafeFileSystemReader, SafeFsspecReader
     if ckpt.uri.scheme == "file":
-        return FileSystemReader(ckpt.path)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # torch's own, not re-exported
-    return FsspecReader(str(ckpt.uri), **fsspec_options(ckpt.uri))
+        return SafeFileSystemReader(ckpt.path, where=str(ckpt.uri))
+    return SafeFsspecReader(str(ckpt.uri), where=str(ckpt.uri), **fsspec_options(ckpt.uri))
 
 
 def load_into(model, optimizer, ckpt: Store, *, rank: int, load_optimizer: bool = True,
@@ -273,15 +274,18 @@ def load_into(model, optimizer, ckpt: Store, *, rank: int, load_optimizer: bool 
     """Collective: load (and reshard) model and optimizer state from storage; restore this rank's
     RNG when asked and the checkpoint has it. Returns whether the RNG was restored."""
     import torch
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from jobs.core import safeload
 
     if not ckpt.exists(METADATA):
         raise StorageError(f"{ckpt}: no DCP {METADATA}: a checkpoint of an earlier version (with "
                            f"{LEGACY_METADATA}); rename that file to {METADATA} in storage to resume it")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd} if load_optimizer else {"model": model_sd}
-    dcp.load(state, storage_reader=dcp_reader(ckpt))
+    # metadata allowlisted, non-tensor entries (param_groups) with weights_only: a refused
+    # checkpoint is one CheckpointRefused line, the same on every rank, before any collective
+    safeload.load(state, dcp_reader(ckpt))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"] if load_optimizer else optim_sd)
     if restore_rng:

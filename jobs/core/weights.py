@@ -267,16 +267,30 @@ def model_config_in(local_dir: str):
         return model_config_from_yaml(f.read())
 
 
-def consolidate(local_dir: str, cfg=None):
+def _source_name(local_dir: str, source: str | None) -> str:
+    """What to call the checkpoint in a message: ``source`` as the user gave it (a checkpoint, or
+    the run whose checkpoint was pulled into ``local_dir``), else the local directory."""
+    if not source:
+        return local_dir
+    name = os.path.basename(os.path.normpath(local_dir))
+    if os.path.abspath(source) == os.path.abspath(local_dir) or source.rstrip("/").endswith("/" + name):
+        return source
+    return f"{source.rstrip('/')}/{name}"
+
+
+def consolidate(local_dir: str, cfg=None, *, source: str | None = None):
     """-> the full model on CPU from a local checkpoint directory's DCP shards, in one process.
 
     The model (of the checkpoint's own config, or ``cfg``) is built on the meta device and
     materialized empty (no init pass), then DCP reads only the model entries (not the
-    optimizer's) straight into its tensors: peak memory is about the model's own size."""
+    optimizer's) straight into its tensors: peak memory is about the model's own size. The
+    ``.metadata`` is unpickled through an allowlist (a refusal names ``source``, the checkpoint or
+    run it was pulled from, else ``local_dir``)."""
     import torch
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+    from jobs.core.safeload import CheckpointRefused, SafeFileSystemReader
+    from jobs.core.safeload import load as safe_load
     from mae_model import MaskedAutoencoder
     cfg = cfg or model_config_in(local_dir)
     with torch.device("meta"):
@@ -287,7 +301,9 @@ def consolidate(local_dir: str, cfg=None):
     with local_dcp_dir(local_dir) as d, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         try:
-            dcp.load({"model": sd}, checkpoint_id=d, no_dist=True)
+            safe_load({"model": sd}, SafeFileSystemReader(d, where=_source_name(local_dir, source)), no_dist=True)
+        except CheckpointRefused:
+            raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors are long tracebacks
             if "size" in str(e).lower() or "shape" in str(e).lower() or "missing" in str(e).lower():
                 raise UserError(f"{local_dir}: its model does not match this model config "
@@ -305,7 +321,7 @@ def init_state_dict(uri: str, cfg, *, verbose: bool = True) -> dict:
     ``uri``: an official MAE ``.pth`` (full or encoder-only), an export of ``mae ckpt export``
     (``.safetensors`` / ``.pth``, any format), a pulled checkpoint directory, or a checkpoint /
     run directory on storage (its latest complete checkpoint)."""
-    from mae_model import MaskedAutoencoder, load_official_state_dict
+    from mae_model import MaskedAutoencoder, OfficialLayoutError, load_official_state_dict
     u = parse_uri(uri)
     if u.path.endswith((".pth", ".pt", ".safetensors")):
         with tempfile.TemporaryDirectory(prefix="mae-init-") as tmp:
@@ -316,10 +332,13 @@ def init_state_dict(uri: str, cfg, *, verbose: bool = True) -> dict:
                 with storage_errors(u):
                     fs.get_file(p, path)
             full = MaskedAutoencoder(cfg)
-            info = load_official_state_dict(full, path, verbose=verbose)
+            try:
+                info = load_official_state_dict(full, path, verbose=verbose)
+            except OfficialLayoutError as e:  # name the file as the user gave it, not its download
+                raise OfficialLayoutError(str(e).replace(path, uri)) from None
         return {k: v for k, v in full.state_dict().items() if k not in info["missing"]}
     with tempfile.TemporaryDirectory(prefix="mae-init-") as tmp:
-        return dict(consolidate(local_checkpoint(str(u), tmp), cfg).state_dict())
+        return dict(consolidate(local_checkpoint(str(u), tmp), cfg, source=uri).state_dict())
 
 
 def export_state_dict(model, fmt: str) -> dict:
@@ -346,7 +365,7 @@ def export(src: str, fmt: str, out: str, dtype: str = "fp32") -> str:
     if not out.endswith((".safetensors", ".pth", ".pt")):
         out += ".pth" if fmt == "official" else ".safetensors"
     with tempfile.TemporaryDirectory(prefix="mae-export-") as tmp:
-        model = consolidate(local_checkpoint(src, tmp, progress=sys.stderr.isatty()))  # tensors now in memory
+        model = consolidate(local_checkpoint(src, tmp, progress=sys.stderr.isatty()), source=src)  # tensors in memory
     sd = export_state_dict(model, fmt)
     target = getattr(torch, DTYPES[dtype])
     sd = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
