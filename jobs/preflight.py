@@ -28,15 +28,16 @@ from jobs.core.config import PretrainConfig, load
 from jobs.core.placement import FAIL, OK, WARN, Row, alive_nodes, node_label, placement_rows
 
 # ---------------------------------------------------------------------------- storage, per node
-def _probe_storage(source_file: str | None, storage: str, tag: str) -> list[tuple[str, str, str]]:
-    """Runs on one node: -> [(check, detail, verdict)] for reading the source and writing storage."""
+def _probe_storage(source: str, source_file: str | None, storage: str, tag: str) -> list[tuple[str, str, str]]:
+    """Runs on one node: -> [(check, detail, verdict)] for reading one file of the source (a path on
+    the source's filesystem) and writing storage."""
     from pipeline.storage import Store, fsspec_fs, parse_uri
     out = []
     if source_file:
         t0 = time.perf_counter()
         try:
-            fs, path = fsspec_fs(source_file)
-            with fs.open(path, "rb") as f:
+            fs, _ = fsspec_fs(source)
+            with fs.open(source_file, "rb") as f:
                 n = len(f.read(4096))
             out.append(("read data.source", f"{n} bytes of {source_file} in {1e3 * (time.perf_counter() - t0):.0f} ms",
                         OK))
@@ -76,7 +77,7 @@ def storage_rows(cfg: PretrainConfig, nodes: list[dict], timeout_s: float = 120.
         return [Row("read data.source", "driver", f"{type(e).__name__}: {e}".splitlines()[0][:300], FAIL)]
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_storage)
     refs = {node_label(n): probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(first, cfg.run.storage_path, n["NodeID"][:8]) for n in nodes}
+            .remote(info.uri, first, cfg.run.storage_path, n["NodeID"][:8]) for n in nodes}
     rows = []
     for where, ref in refs.items():
         try:

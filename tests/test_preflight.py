@@ -3,7 +3,7 @@ read and written by a task on every node, token auth on the dashboard, a gloo al
 the two nodes; and the placement check `mae pretrain` runs at launch."""
 
 import pytest
-from conftest import upload_dir
+from support import upload_dir
 
 from jobs.core.common import UserError
 from jobs.core.config import load
@@ -58,13 +58,13 @@ def test_preflight_checks_every_node_and_measures_the_all_reduce(ray_cluster, bu
 def test_preflight_fails_what_would_not_run_and_launch_refuses_it(ray_cluster, bucket, src, capsys):
     # two workers that each need the worker node's only `node_worker1`: 6 CPUs in all would do,
     # but per node only one fits
-    cfg = _cfg(src, "s3://no-such-bucket-mae/runs",
-               "scaling.resources_per_worker={node_worker1: 1}")
+    # and a storage path no node can write (said to be a filesystem every node mounts)
+    cfg = _cfg(src, "/proc/mae-preflight", "run.shared_fs=true", "scaling.resources_per_worker={node_worker1: 1}")
     rows = run_preflight(cfg, network=False)
     verdicts = {(r.check, r.verdict) for r in rows}
     assert ("workers", FAIL) in verdicts
     assert ("write run.storage_path", FAIL) in verdicts and ("read data.source", OK) in verdicts
-    assert main([f"data.source={src}", "run.storage_path=s3://no-such-bucket-mae/runs",
+    assert main([f"data.source={src}", "run.storage_path=/proc/mae-preflight", "run.shared_fs=true",
                  "scaling.num_workers=2", "scaling.resources_per_worker={node_worker1: 1}", "--no-network"]) == 1
     capsys.readouterr()
     from jobs.core.launch import fit
