@@ -15,16 +15,18 @@ import argparse
 import json
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from jobs.core import weights as ckpt_tools
-from jobs.core.common import UserError, init_ray, one_line_errors
-from jobs.core.probe import evaluate_features
-from mae_model import MaskedAutoencoder
+from jobs.core.common import UserError, init_ray, one_line_errors, parse_args
 from pipeline.storage import check_visible_to_cluster, parse_uri, read_bytes, write_bytes
+
+if TYPE_CHECKING:  # torch and the model are imported where used: checking a command line needs neither
+    import torch
+
+    from mae_model import MaskedAutoencoder
 
 
 def model_config_of(ckpt_uri: str):
@@ -34,6 +36,9 @@ def model_config_of(ckpt_uri: str):
 def load_model(ckpt_uri: str, random_init: bool = False, seed: int = 0) -> MaskedAutoencoder:
     """The full model on CPU in one process (DCP shards consolidated, no process group), or the
     same architecture at random initialization (seeded)."""
+    import torch
+
+    from mae_model import MaskedAutoencoder
     if random_init:
         torch.manual_seed(seed)
         return MaskedAutoencoder(model_config_of(ckpt_uri))
@@ -47,7 +52,9 @@ class _Features:
 
     def __init__(self, cfg_dict: dict, state_refs: dict):
         import ray
-        from mae_model import MAEConfig
+        import torch
+
+        from mae_model import MAEConfig, MaskedAutoencoder
         torch.set_num_threads(1)
         self.models = {}
         for name, ref in state_refs.items():
@@ -56,6 +63,7 @@ class _Features:
             self.models[name] = m.eval()
 
     def __call__(self, batch: dict) -> dict:
+        import torch
         x = torch.from_numpy(np.ascontiguousarray(batch["patches"]))
         out = {k: batch[k] for k in ("label", "split") if k in batch}
         with torch.no_grad():
@@ -104,8 +112,9 @@ def features_dataset(models: dict[str, MaskedAutoencoder], source: str, limits: 
         if not info.labeled and info.kind == "images":
             raise UserError(f"{source}: no labels (use the class_name/file.jpg layout or prepared shards with classes)")
         # The decode task's own resources and pool, so that Ray Data fuses the tag into it: as a map
-        # of its own (a sliver of CPU, a function of this torch-importing module) it ran as extra
-        # tasks on worker processes of their own; the digits' feature pass took 56 s so, 37 s fused
+        # of its own (a sliver of CPU, a function of this module, which then imported torch) it ran
+        # as extra tasks on worker processes of their own; the digits' feature pass took 56 s so,
+        # 37 s fused
         ds = ds.map_batches(with_column, fn_kwargs={"name": "split", "value": split}, batch_format="numpy",
                             **decode_task_args(dcfg))
         parts_ds.append(ds.limit(limit) if limit else ds)
@@ -117,6 +126,7 @@ def extract(models: dict[str, MaskedAutoencoder], source: str, limits: dict[str,
             val_fraction: float, seed: int) -> dict[str, tuple[dict, dict, torch.Tensor]]:
     """Every split's center-crop features under every model, in one Ray Data pass (the actors load
     the encoders once for all splits). -> {split: ({model: {"cls", "mean"}}, labels)}."""
+    import torch
     ds = features_dataset(models, source, limits, workers, val_fraction, seed)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     out = {}
@@ -144,6 +154,7 @@ def evaluate(ckpt_uri: str, dataset: str, *, max_train: int | None = None, max_v
     ``"baseline"`` (and to ``evaluation_random_init.json``)."""
     if linear_protocol not in ("quick", "mae"):
         raise UserError(f"--linear-protocol {linear_protocol!r}: quick or mae")
+    from jobs.core.probe import evaluate_features
     check_visible_to_cluster({"DATASET": dataset}, shared_fs=shared_fs, setting="--shared-fs")
     ckpt_uri = ckpt_tools.select(ckpt_uri)["uri"]  # a complete checkpoint, or a run's latest
     models = {"random_init" if random_init else "trained": load_model(ckpt_uri, random_init=random_init, seed=seed)}
@@ -186,6 +197,9 @@ def linear_probe_mae(model: MaskedAutoencoder, source: str, val: dict, val_y: to
     and ``workers`` feature actors embed on the cluster, one stream for all epochs (the head trains
     here, on the features); scored on the center-crop ``val`` features.
     -> (top-1 on val, {"steps", "lr", "final_loss"})."""
+    import torch
+    import torch.nn.functional as F
+
     from jobs.core.probe import LARS, linear_head, probe_lr
     from pipeline.config import DataConfig
     from pipeline.dataset import build_dataset
@@ -260,9 +274,24 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_values(a: argparse.Namespace) -> None:
+    for name in ("workers", "linear_epochs", "linear_batch"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= 1")
+    if not 0 <= a.val_fraction < 1:
+        raise UserError(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
+
+
+def check(argv: list[str]) -> None:
+    """What ``mae submit`` checks on the user's machine before a job exists: the arguments and
+    their values (CHECKPOINT and DATASET are the cluster's to read)."""
+    check_values(parse_args(parser(), argv, strict=True))
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     with one_line_errors("mae evaluate"):
+        check_values(a)
         init_ray(a.address, num_cpus=a.workers + 1.02)  # a local Ray: the feature actors and a decode task
         res = evaluate(a.checkpoint, a.dataset, max_train=a.max_train, max_val=a.max_val, workers=a.workers,
                        val_fraction=a.val_fraction, random_init=a.random_init, baseline=a.baseline,

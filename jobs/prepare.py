@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.core.common import init_ray, one_line_errors
-from pipeline.prepare import PrepareConfig, plan, prepare
+from jobs.core.common import init_ray, one_line_errors, parse_args
+from pipeline.prepare import PrepareConfig, check_values, plan, prepare
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,12 +29,21 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def config_of(a: argparse.Namespace) -> PrepareConfig:
+    return PrepareConfig(src=a.src, dst=a.dst, shard_size_mb=a.shard_size_mb, val_fraction=a.val_fraction,
+                         seed=a.seed, overwrite=a.overwrite, shared_fs=a.shared_fs)
+
+
+def check(argv: list[str]) -> None:
+    """What ``mae submit`` checks on the user's machine before a job exists: the arguments and
+    their values. SRC and DST are the cluster's to read (a local path there is not one here)."""
+    check_values(config_of(parse_args(parser(), argv, strict=True)))
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     with one_line_errors("mae prepare"):
-        cfg = PrepareConfig(src=a.src, dst=a.dst, shard_size_mb=a.shard_size_mb,
-                            val_fraction=a.val_fraction, seed=a.seed, overwrite=a.overwrite,
-                            shared_fs=a.shared_fs)
+        cfg = config_of(a)
         the_plan = plan(cfg)  # bad input fails here, before Ray starts
         init_ray(a.address)
         m = prepare(cfg, the_plan=the_plan)

@@ -4,8 +4,12 @@ Ray Train V2 (a data-parallel trainer with torch's process group), FSDP2 workers
 sharded DCP checkpoints under ``run.storage_path/run.name``. Starting again with the same run name
 and storage path resumes from the latest complete checkpoint (also with another number of workers).
 
-    mae pretrain configs/demo.yaml data.source=s3://bucket/shards scaling.num_workers=16
+    mae pretrain jobs/configs/demo.yaml data.source=s3://bucket/shards scaling.num_workers=16
+    mae pretrain model.preset=mae_vit_micro_patch4 data.source=./shards train.max_steps=100
     python -m jobs.pretrain ...      (the form `ray job submit -- python -m jobs.pretrain` runs)
+
+The config file is the first argument, given as it is (no option introduces it); the recipes in
+this checkout are jobs/configs/demo.yaml and jobs/configs/mae_vit_base_imagenet.yaml.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 import time
 
 from jobs.core import checkpoint as ckpt
-from jobs.core.common import init_ray, one_line_errors
+from jobs.core.common import init_ray, one_line_errors, parse_args, refuse_config_flag
 from jobs.core.config import describe, load
 from jobs.core.launch import cpu_needs, failure_of, fit
 
@@ -29,15 +33,31 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = parser().parse_args(argv)
-    if a.help:
-        print(parser().format_help() + "\nfields (section.field = default):" + describe())
-        return 0
+def parse(argv: list[str], *, strict: bool = False) -> argparse.Namespace:
+    refuse_config_flag("mae pretrain", argv)
+    a = parse_args(parser(), argv, strict=strict)
     if a.config and "=" in a.config:  # only overrides given
         a.overrides.insert(0, a.config)
         a.config = None
+    return a
+
+
+def check(argv: list[str]) -> str | None:
+    """What ``mae submit`` checks on the user's machine before a job exists, without Ray, torch
+    or storage: the arguments, the config file (it must exist and parse) and every override,
+    validated. -> the config file named, if any."""
+    a = parse(argv, strict=True)
+    load(a.config, a.overrides)
+    return a.config
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with one_line_errors("mae pretrain"):
+        a = parse(argv)
+    if a.help:
+        print(parser().format_help() + "\nfields (section.field = default):" + describe())
+        return 0
     t_launch = time.time()
     with one_line_errors("mae pretrain"):
         cfg = load(a.config, a.overrides)

@@ -8,11 +8,17 @@ streams the job's logs to the end and exits with its status (0 succeeded, 1 fail
 
     export RAY_ADDRESS=http://head.example.com:8265      # the dashboard / job server
     export RAY_AUTH_TOKEN=...                             # if the cluster uses token auth
-    mae submit --follow -- pretrain --config jobs/configs/mae_vit_base_imagenet.yaml
+    mae submit --follow -- pretrain jobs/configs/mae_vit_base_imagenet.yaml data.source=s3://b/shards
 
-Environment: only non-secret storage settings (AWS_ENDPOINT_URL*, AWS_REGION,
-AWS_DEFAULT_REGION) are copied into the job, when set here. Cluster nodes normally reach object
-storage with their own roles; to copy a credential anyway name it: ``--env AWS_ACCESS_KEY_ID
+Before anything is sent, the command line is checked here by the command's own parser and config
+loader: an unknown flag or field, or a bad value, fails in one line and no job is created. A
+config file (pretrain, tune) is a file on this machine: it must exist and parse, and it goes
+along with the job (as submitted/NAME in its working_dir), wherever it lies. Paths and URIs
+inside the arguments (data.source, SRC, DST, ...) are the cluster's and are not read here.
+
+Environment: only non-secret storage settings (AWS_ENDPOINT_URL*, AWS_REGION, AWS_DEFAULT_REGION,
+AZURE_STORAGE_ACCOUNT_NAME) are copied into the job, when set here. Cluster nodes normally reach
+object storage with their own roles; to copy a credential anyway name it: ``--env AWS_ACCESS_KEY_ID
 --env AWS_SECRET_ACCESS_KEY`` (its value then sits in the job's runtime_env, which anyone with
 access to the dashboard can read). Values are never printed.
 """
@@ -22,11 +28,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import importlib
 import os
 import re
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 
@@ -133,36 +141,79 @@ def job_env(extra: list[str]) -> tuple[dict[str, str], list[str]]:
     return env, notes
 
 
+def check_command(cmd: str, args: list[str]) -> str | None:
+    """The command line checked here, before a job exists, by the command's own parser and config
+    loader (``jobs.<cmd>.check``; none of them imports torch or Ray or reads storage): one line
+    when it is wrong. -> the local config file it names, if any."""
+    from mae_model.config import ConfigError
+    module = importlib.import_module(f"jobs.{cmd}")
+    try:
+        return module.check(args)
+    except (UserError, ConfigError, ValueError) as e:
+        raise UserError(f"{cmd}: {e} (checked here: nothing was submitted)") from None
+
+
+SHIPPED_CONFIG = "submitted"  # the config file's folder in the job's working_dir
+
+
+def _ship_config(path: str, wd: str) -> str:
+    """Copy the local config file into the (temporary) working_dir; -> its path there."""
+    os.makedirs(os.path.join(wd, SHIPPED_CONFIG), exist_ok=True)
+    rel = f"{SHIPPED_CONFIG}/{os.path.basename(path)}"
+    shutil.copy2(path, os.path.join(wd, rel))
+    return rel
+
+
 def build_submission(argv: list[str], *, env_names: list[str], working_dir: str | None,
                      pip: list[str], entrypoint_num_cpus: float | None, entrypoint_num_gpus: float | None,
                      submission_id: str | None) -> dict:
-    """The keyword arguments of ``JobSubmissionClient.submit_job`` (no network)."""
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` (no network), with the notes to
+    print and ``staged``: a temporary working_dir made here, for the caller to remove."""
     if not argv:
         raise UserError(f"nothing to run: mae submit [OPTIONS] -- {'|'.join(SUBMITTABLE)} ARGS...")
-    cmd = argv[0]
+    cmd, args = argv[0], list(argv[1:])
     if cmd not in SUBMITTABLE:
         raise UserError(f"{cmd!r} cannot be submitted: choose one of {', '.join(SUBMITTABLE)} "
                         "(put mae submit's own options before --)")
+    config = check_command(cmd, args)  # first: a wrong command line costs no upload and no connection
     env, notes = job_env(env_names)
     runtime_env: dict = {"env_vars": env}
     wd = project_root() if working_dir is None else (None if working_dir == "none" else working_dir)
-    if wd:
-        if not os.path.isdir(wd):
-            raise UserError(f"--working-dir {wd}: not a directory")
-        # this checkout: a temporary copy of the project's allowlist (the caller removes it);
-        # a directory named with --working-dir goes as it is
-        runtime_env["working_dir"] = stage(wd) if working_dir is None else wd
+    if wd and not os.path.isdir(wd):
+        raise UserError(f"--working-dir {wd}: not a directory")
+    named = wd if working_dir not in (None, "none") else None
+    if named and config:
+        rel = os.path.relpath(os.path.realpath(config), os.path.realpath(named))
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            raise UserError(f"{config}: the config file is not inside --working-dir {named}, which goes as it "
+                            "is: the job would not find it; put it there")
+    staged = None
+    if named:
+        runtime_env["working_dir"] = named  # a directory named with --working-dir goes as it is
+    elif wd or config:
+        # this checkout: a temporary copy of the project's allowlist; with the project installed on
+        # the cluster (--working-dir none) only the config file goes (the caller removes either)
+        staged = stage(wd) if wd else tempfile.mkdtemp(prefix="mae-ship-")
+        runtime_env["working_dir"] = staged
+    try:
+        if config:
+            new = rel if named else _ship_config(config, staged)
+            args[args.index(config)] = new  # (the first: the config file comes before any override)
+    except BaseException:
+        if staged:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
     if pip:
         runtime_env["pip"] = list(pip)
     sid = submission_id or f"mae-{cmd}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    kw = dict(entrypoint=f"python -m jobs.cli {cmd} " + " ".join(shlex.quote(x) for x in argv[1:]),
+    kw = dict(entrypoint=f"python -m jobs.cli {cmd} " + " ".join(shlex.quote(x) for x in args),
               runtime_env=runtime_env, submission_id=sid,
               metadata={"mae_command": cmd, "submitted_by": _user()})
     if entrypoint_num_cpus is not None:
         kw["entrypoint_num_cpus"] = entrypoint_num_cpus
     if entrypoint_num_gpus is not None:
         kw["entrypoint_num_gpus"] = entrypoint_num_gpus
-    return {"kwargs": kw, "notes": notes}
+    return {"kwargs": kw, "notes": notes, "staged": staged}
 
 
 def _user() -> str:
@@ -206,7 +257,8 @@ def parser() -> argparse.ArgumentParser:
                     help="also copy this variable into the job (by name; repeatable)")
     ap.add_argument("--working-dir", default=None,
                     help="directory shipped as the job's working_dir (default: this checkout; "
-                         "'none' when the cluster image has the project installed)")
+                         "'none' when the cluster image has the project installed; a config file "
+                         "still goes along)")
     ap.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job (repeatable)")
     ap.add_argument("--entrypoint-num-cpus", type=float, default=None,
                     help="CPUs reserved for the job's driver (default 0: it only coordinates)")
@@ -229,12 +281,11 @@ def main(argv=None) -> int:
                                entrypoint_num_gpus=a.entrypoint_num_gpus, submission_id=a.submission_id)
         for n in sub["notes"]:
             print(f"mae submit: note: {n}", file=sys.stderr)
-        kw = sub["kwargs"]
         try:
-            return _send(a, kw)
+            return _send(a, sub["kwargs"])
         finally:
-            if a.working_dir is None and kw["runtime_env"].get("working_dir"):
-                shutil.rmtree(kw["runtime_env"]["working_dir"], ignore_errors=True)
+            if sub["staged"]:
+                shutil.rmtree(sub["staged"], ignore_errors=True)
 
 
 def _send(a, kw: dict) -> int:

@@ -14,8 +14,11 @@ history (``scope="all"``), so that an early-stopped trial's last value cannot wi
 rate, a warmup, a batch size) or data without labels; it is refused when the space varies the
 mask ratio.
 
-    mae tune base.yaml data.source=s3://b/shards run.storage_path=s3://b/tune \\
+    mae tune jobs/configs/demo.yaml data.source=s3://b/shards run.storage_path=s3://b/tune \\
         --space model.overrides.mask_ratio=0.5,0.75,0.9 --space model.overrides.decoder_depth=1,4,8
+
+The base config file is the first argument, given as it is (no option introduces it); it needs
+train.max_steps (every trial's budget).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import sys
 
 import yaml
 
-from jobs.core.common import STABLE_RESOURCE, UserError, cluster_capacity, init_ray, one_line_errors
+from jobs.core.common import (STABLE_RESOURCE, UserError, cluster_capacity, init_ray, one_line_errors, parse_args,
+                               refuse_config_flag)
 from jobs.core.config import PretrainConfig, load, set_field
 from pipeline.storage import check_visible_to_cluster, parse_uri, pyarrow_fs, write_bytes
 
@@ -300,20 +304,44 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    a = parser().parse_args(argv)
+def parse(argv: list[str], *, strict: bool = False) -> argparse.Namespace:
+    refuse_config_flag("mae tune", argv)
+    a = parse_args(parser(), argv, strict=strict)
     if a.config and "=" in a.config:
         a.overrides.insert(0, a.config)
         a.config = None
+    return a
+
+
+def checked(a: argparse.Namespace) -> tuple[PretrainConfig, dict]:
+    """The base config and the space, every value validated: what fails on bad input, without
+    Ray or storage."""
+    base = load(a.config, a.overrides)
+    if base.train.max_steps <= 0:
+        raise UserError("train.max_steps must be set: every trial gets the same budget of images")
+    space = parse_space(a.space)
+    check_objective(a.objective, space)
+    for k, vals in space.items():
+        for v in vals:  # every value validated up front (a mask ratio of 2 too, not only its type)
+            trial_cfg = PretrainConfig.from_dict(base.to_dict())
+            set_field(trial_cfg, k, v)
+            trial_cfg.validate()
+    return base, space
+
+
+def check(argv: list[str]) -> str | None:
+    """What ``mae submit`` checks on the user's machine before a job exists (see
+    ``jobs.pretrain.check``). -> the config file named, if any."""
+    a = parse(argv, strict=True)
+    checked(a)
+    return a.config
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     with one_line_errors("mae tune"):
-        base = load(a.config, a.overrides)
-        if base.train.max_steps <= 0:
-            raise UserError("train.max_steps must be set: every trial gets the same budget of images")
-        space = parse_space(a.space)
-        check_objective(a.objective, space)
-        for k, vals in space.items():
-            for v in vals:
-                set_field(PretrainConfig.from_dict(base.to_dict()), k, v)  # validate every value up front
+        a = parse(argv)
+        base, space = checked(a)
         init_ray(base.run.address or None, num_cpus=trial_resources(base)["CPU"])
         grid, rows, tune_dir = run_tune(base, space, name=a.name, storage=base.run.storage_path,
                                         search=a.search, num_samples=a.num_samples,

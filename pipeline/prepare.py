@@ -150,11 +150,18 @@ class Plan:
     shards: list[dict]
 
 
+def check_values(cfg: PrepareConfig) -> None:
+    """The settings that are wrong whatever the storage holds (checked by ``mae submit`` too)."""
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction {cfg.val_fraction}: must be in [0, 1)")
+    if not cfg.shard_size_mb > 0:
+        raise ValueError(f"--shard-size-mb {cfg.shard_size_mb}: must be > 0")
+
+
 def plan(cfg: PrepareConfig) -> Plan:
     """Everything that can fail on bad input, checked before any Ray work starts."""
     src, dst = parse_uri(cfg.src), parse_uri(cfg.dst)
-    if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"--val-fraction {cfg.val_fraction}: must be in [0, 1)")
+    check_values(cfg)
     files = [(p, s) for p, s in list_files(src) if not p.rsplit("/", 1)[-1].startswith(".")]
     if not files:
         raise StorageError(f"{cfg.src}: no files found (empty prefix?): check the source path")

@@ -1,15 +1,27 @@
-"""URIs -> filesystems: pyarrow's for Ray Data, fsspec's (s3fs) for everything else.
+"""URIs -> filesystems: pyarrow's for Ray Data, fsspec's for everything else.
 
 Every input and output of the project is a URI: ``s3://bucket/prefix``, ``gs://bucket/prefix``,
-``file:///abs/path`` or a plain local path. S3-compatible endpoints come from the standard
-``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` variables (or ``endpoint_url=``); credentials come
-from the standard chain only (environment, shared config, instance role) and are never printed,
-logged or written: error messages go through :func:`redact`.
+``az://container/prefix``, any other protocol fsspec knows whose library is installed,
+``file:///abs/path`` or a plain local path. S3 (s3fs, a dependency) and local paths always work;
+``gs://`` needs gcsfs (``pip install 'ray-mae[gcs]'``), ``az://``/``abfs://`` adlfs
+(``'ray-mae[azure]'``): a URI whose library is missing fails in one line naming the package.
+pyarrow's own filesystems serve s3, gs and local paths to Ray Data; for any other protocol the
+fsspec filesystem is wrapped (``PyFileSystem(FSSpecHandler(fs))``).
+
+S3-compatible endpoints come from the standard ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``
+variables (or ``endpoint_url=``); credentials come from the standard chain only (environment,
+shared config, instance role; for Azure adlfs's ``AZURE_STORAGE_*`` variables) and are never
+printed, logged or written: error messages go through :func:`redact`.
+
+``memory://`` (fsspec's in-process store) works for everything that runs in one process, and is
+refused for a Ray job by :func:`check_visible_to_cluster`: Ray's tasks and workers are other
+processes, even on one node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -17,7 +29,21 @@ from functools import lru_cache
 from typing import Iterator
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
-              "GOOGLE_APPLICATION_CREDENTIALS", "RAY_AUTH_TOKEN")
+              "GOOGLE_APPLICATION_CREDENTIALS", "RAY_AUTH_TOKEN",
+              "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
+              "AZURE_STORAGE_CLIENT_SECRET", "AZURE_CLIENT_SECRET")
+
+# Protocols with their own handling; any other one fsspec knows goes through fsspec generically.
+ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
+# The package a protocol's fsspec library comes in, when it is an extra of this project.
+EXTRAS = {"gcsfs": "gcs", "adlfs": "azure"}
+# Options of fsspec filesystems that take them: no listings cache (see _s3_options).
+FS_OPTIONS = {"gs": {"use_listings_cache": False}, "az": {"use_listings_cache": False},
+              "abfs": {"use_listings_cache": False}, "abfss": {"use_listings_cache": False}}
+# Where a URI's data lives when it is not on shared storage: on this node (local paths) or in this
+# process only (fsspec's memory://, which no Ray task or worker can see, even on one node).
+NODE_LOCAL = ("file",)
+PROCESS_LOCAL = ("memory",)
 
 
 class StorageError(RuntimeError):
@@ -26,21 +52,31 @@ class StorageError(RuntimeError):
 
 @dataclass(frozen=True)
 class URI:
-    scheme: str  # "s3", "gs" or "file"
-    path: str    # bucket/key for object stores; an absolute path for files
+    scheme: str  # "file", "s3", "gs", or another fsspec protocol ("az", "memory", ...)
+    path: str    # what the protocol's filesystem takes: bucket/key, an absolute path for files
+    # For a protocol whose URL carries what its filesystem connects with (sftp://HOST/path,
+    # hdfs://NAMENODE:PORT/path): the URL before the path; "" for the others.
+    prefix: str = ""
 
     def __str__(self) -> str:
-        return self.path if self.scheme == "file" else f"{self.scheme}://{self.path}"
+        if self.prefix:
+            return self.prefix + ("" if self.path.startswith("/") else "/") + self.path
+        if self.scheme == "file" or "://" in self.path:  # (fsspec's http keeps the whole URL as path)
+            return self.path
+        return f"{self.scheme}://{self.path}"
 
     @property
     def bucket(self) -> str:
-        return self.path.split("/", 1)[0]
+        return self.path.lstrip("/").split("/", 1)[0]
 
     def join(self, *parts: str) -> "URI":
         p = self.path.rstrip("/")
         for part in parts:
             p = f"{p}/{part.strip('/')}"
-        return URI(self.scheme, p)
+        return dataclasses.replace(self, path=p)
+
+    def parent(self) -> "URI":
+        return dataclasses.replace(self, path=self.path.rstrip("/").rsplit("/", 1)[0])
 
 
 def parse_uri(uri: str | os.PathLike) -> URI:
@@ -51,17 +87,52 @@ def parse_uri(uri: str | os.PathLike) -> URI:
     if not m:
         return URI("file", os.path.abspath(os.path.expanduser(s)))
     scheme, rest = m.group(1).lower(), m.group(2)
-    if scheme in ("s3", "s3a"):
+    scheme = ALIASES.get(scheme, scheme)
+    if scheme in ("s3", "gs"):
         if not rest or rest.startswith("/"):
-            raise StorageError(f"{s}: no bucket name: write s3://BUCKET/prefix")
-        return URI("s3", rest.rstrip("/") if rest.count("/") else rest)
-    if scheme in ("gs", "gcs"):
-        if not rest or rest.startswith("/"):
-            raise StorageError(f"{s}: no bucket name: write gs://BUCKET/prefix")
-        return URI("gs", rest)
+            raise StorageError(f"{s}: no bucket name: write {scheme}://BUCKET/prefix")
+        return URI(scheme, rest.rstrip("/") if rest.count("/") else rest)
     if scheme == "file":
         return URI("file", os.path.abspath(rest))
-    raise StorageError(f"{s}: unsupported scheme {scheme!r}: use s3://, gs://, file:// or a local path")
+    # Any other protocol fsspec knows: its filesystem's own form of the path (what its listings
+    # return, e.g. "/bucket/key" for memory://), so that listed paths and joined ones agree.
+    cls = _fs_class(scheme, s)
+    url = f"{scheme}://{rest}"
+    path = cls._strip_protocol(url)
+    if not path.strip("/"):
+        raise StorageError(f"{s}: no path after {scheme}://: write {scheme}://BUCKET/prefix")
+    path = path.rstrip("/")
+    prefix = ""
+    options = cls._get_kwargs_from_urls(url)
+    if options:  # the URL carries what the filesystem connects with (a host, an account)
+        bare = url.rstrip("/")
+        head = bare[:len(bare) - len(path)]
+        if not bare.endswith(path) or "://" not in head:
+            hint = (f"set AZURE_STORAGE_ACCOUNT_NAME and write {scheme}://CONTAINER/prefix"
+                    if "account_name" in options else f"write {scheme}://HOST/path")
+            raise StorageError(f"{s}: this form of {scheme}:// URI is not supported: {hint}")
+        prefix = head.rstrip("/")  # kept, so that every URI joined onto this one connects the same way
+    return URI(scheme, path, prefix)
+
+
+def _fs_class(scheme: str, uri: str):
+    """The fsspec filesystem class of a protocol; one line when fsspec does not know the protocol
+    or its library is not installed (naming the package to install)."""
+    import fsspec
+    from fsspec.registry import known_implementations, registry
+    if scheme not in registry and scheme not in known_implementations:
+        raise StorageError(f"{uri}: unsupported scheme {scheme!r}: use s3://, gs://, az://, another "
+                           "protocol fsspec knows, file:// or a local path")
+    try:
+        return fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        spec = known_implementations.get(scheme, {})
+        pkg = spec.get("class", scheme).split(".", 1)[0]
+        how = f"pip install 'ray-mae[{EXTRAS[pkg]}]'" if pkg in EXTRAS else f"pip install {pkg}"
+        cause = e.__cause__ or e
+        missing = getattr(cause, "name", None)
+        why = f" (missing module {missing})" if missing and missing.split(".")[0] != pkg else ""
+        raise StorageError(f"{uri}: the {scheme}:// protocol needs {pkg}: {how}{why}") from None
 
 
 def redact(text: str) -> str:
@@ -95,14 +166,21 @@ def _pa_s3(endpoint: str | None):
 
 
 def pyarrow_fs(uri: str | URI, endpoint: str | None = None):
-    """-> (pyarrow.fs.FileSystem, path) for Ray Data readers and writers."""
+    """-> (pyarrow.fs.FileSystem, path) for Ray Data readers and writers: pyarrow's own for s3,
+    gs and local paths, the protocol's fsspec filesystem wrapped for any other."""
     u = uri if isinstance(uri, URI) else parse_uri(uri)
     import pyarrow.fs as pafs
     if u.scheme == "s3":
         return _pa_s3(endpoint_url(endpoint)), u.path
     if u.scheme == "gs":
         return pafs.GcsFileSystem(), u.path
-    return pafs.LocalFileSystem(), u.path
+    if u.scheme == "file":
+        return pafs.LocalFileSystem(), u.path
+    fs, path = fsspec_fs(u)
+    from fsspec.implementations.arrow import ArrowFSWrapper
+    if isinstance(fs, ArrowFSWrapper):  # fsspec's wrapper of a pyarrow filesystem (hdfs): the inner one
+        return fs.fs, path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 # ---------------------------------------------------------------------------- fsspec
@@ -129,14 +207,13 @@ def fsspec_fs(uri: str | URI, endpoint: str | None = None):
     u = uri if isinstance(uri, URI) else parse_uri(uri)
     if u.scheme == "s3":
         return _fs_s3(endpoint_url(endpoint)), u.path
-    if u.scheme == "gs":
-        try:
-            import gcsfs
-        except ImportError as e:
-            raise StorageError(f"{u}: gs:// needs the gcsfs package: pip install gcsfs") from e
-        return gcsfs.GCSFileSystem(use_listings_cache=False), u.path  # see _fs_s3
     import fsspec
-    return fsspec.filesystem("file", auto_mkdir=True), u.path
+    if u.scheme == "file":
+        return fsspec.filesystem("file", auto_mkdir=True), u.path
+    cls = _fs_class(u.scheme, str(u))  # one line naming the package when its library is missing
+    options = {**(cls._get_kwargs_from_urls(str(u)) if u.prefix else {}), **FS_OPTIONS.get(u.scheme, {})}
+    with storage_errors(u):  # a library that cannot start (no account, no credentials): one line too
+        return cls(**options), u.path  # (fsspec caches instances by their options)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -145,19 +222,26 @@ def explain(uri: str | URI, exc: BaseException) -> str:
     u = str(uri)
     msg = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:300] if str(exc) else type(exc).__name__
     low = msg.lower()
+    aws = "://" not in u or u.startswith(("s3://", "s3a://"))  # (local paths: as before)
     ep = endpoint_url() or "the default AWS endpoint"
     if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket does not exist" in low:
         return f"{u}: the bucket does not exist: create it or fix the bucket name"
     if isinstance(exc, PermissionError) or any(s in low for s in ("accessdenied", "access denied", "forbidden",
                                                                   "invalidaccesskeyid", "signaturedoesnotmatch")):
+        if not aws:
+            return f"{u}: access denied: check the credentials {u.split('://', 1)[0]}:// uses and the bucket's policy"
         return (f"{u}: access denied: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "AWS_PROFILE or the node's role) and the bucket policy")
     if any(s in low for s in ("could not connect", "connection refused", "connect timeout", "endpointconnection",
                               "failed to connect", "curlcode: 7", "couldn't connect", "name or service not known",
                               "temporary failure in name resolution")):
+        if not aws:
+            return f"{u}: cannot reach the storage service: check the network"
         return f"{u}: cannot reach the storage endpoint {ep}: check AWS_ENDPOINT_URL and the network"
     if isinstance(exc, FileNotFoundError) or "nosuchkey" in low or "not found" in low or "does not exist" in low:
         return f"{u}: not found: check the path (and that the prefix holds data)"
+    if not aws:
+        return f"{u}: storage error ({msg}); check the URI and the credentials"
     return f"{u}: storage error ({msg}); check the URI, the endpoint ({ep}) and the credentials"
 
 
@@ -179,8 +263,16 @@ def check_visible_to_cluster(paths: dict[str, str], *, shared_fs: bool, setting:
     ``paths``: {name the user knows it by: path}. On one node a local path is fine (the demo); on
     several, a checkpoint written or a file read on another node fails (or a listing made on the
     driver names files that node does not have), unless every node mounts the same filesystem,
-    which the user declares with ``setting``."""
-    local = {k: v for k, v in paths.items() if v and parse_uri(v).scheme == "file"}
+    which the user declares with ``setting``. A ``memory://`` URI lives in this process only: no
+    Ray task or worker sees it, on any cluster (one node too), whatever ``setting`` says; refused
+    before Ray is asked anything."""
+    schemes = {k: parse_uri(v).scheme for k, v in paths.items() if v}
+    for k, scheme in schemes.items():
+        if scheme in PROCESS_LOCAL:
+            raise StorageError(f"{k}={paths[k]} lives in this process's memory ({scheme}://): Ray's tasks and "
+                               "workers are other processes and cannot see it, on one node too: use an "
+                               "object-store URI (s3://, gs://, az://) or a local path")
+    local = {k: paths[k] for k, scheme in schemes.items() if scheme in NODE_LOCAL}
     if shared_fs or not local:
         return
     import ray
@@ -191,8 +283,8 @@ def check_visible_to_cluster(paths: dict[str, str], *, shared_fs: bool, setting:
     name, value = next(iter(local.items()))
     has = f"{nodes} nodes" if nodes > 1 else "an autoscaler that adds nodes"
     raise StorageError(f"{name}={value} is a local path, but the Ray cluster has {has} and the others "
-                       "cannot see it: use an s3:// or gs:// URI, or, if every node mounts that path (NFS, "
-                       f"Lustre, FSx), say so with {setting}")
+                       "cannot see it: use an object-store URI (s3://, gs://, az://), or, if every node mounts "
+                       f"that path (NFS, Lustre, FSx), say so with {setting}")
 
 
 def autoscaler_limits() -> dict | None:
@@ -271,9 +363,7 @@ def fsspec_options(uri: str | URI, endpoint: str | None = None) -> dict:
     u = uri if isinstance(uri, URI) else parse_uri(uri)
     if u.scheme == "s3":
         return _s3_options(endpoint_url(endpoint))
-    if u.scheme == "gs":
-        return {"use_listings_cache": False}
-    return {}
+    return dict(FS_OPTIONS.get(u.scheme, {}))
 
 
 class Store:
@@ -340,10 +430,17 @@ class Store:
             return [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.key(name), detail=False)]
 
     def rm(self, names: list[str]) -> None:
-        """Delete these objects, those that exist (one bulk request on object stores)."""
+        """Delete these objects, those that exist (one bulk request on S3)."""
         if self.uri.scheme == "file":  # the local filesystem refuses to delete what is not there
             names = [n for n in names if os.path.exists(self.key(n))]
         if not names:
             return
         with storage_errors(self.uri_of(names[0])):
-            self.fs.rm([self.key(n) for n in names])
+            try:
+                self.fs.rm([self.key(n) for n in names])
+            except FileNotFoundError:  # fsspec's other filesystems (memory://) refuse a missing name
+                if self.uri.scheme == "s3":
+                    raise
+                there = [self.key(n) for n in names if self.fs.exists(self.key(n))]
+                if there:
+                    self.fs.rm(there)

@@ -186,11 +186,13 @@ def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, lab
 
 
 def test_failed_and_stopped_jobs_exit_with_their_status(head, bucket, labeled_dir):
-    # a bad config: the job fails with the one-line error in its logs; --follow exits 1
-    r = mae("submit", "--address", head.address, "--follow", "--", "pretrain",
-            "model.preset=no_such_preset", token=head.token)
+    # a bad config is refused here, before a job exists (tests/test_cli.py); data the cluster
+    # cannot find fails the job, with the one-line error in its logs; --follow exits 1
+    r = mae("submit", "--address", head.address, "--follow", "--", "pretrain", "model.preset=mae_vit_micro_patch4",
+            f"data.source=s3://{bucket}/submit/no-such-shards", "scaling.num_workers=1",
+            f"run.storage_path=s3://{bucket}/submit/runs", "run.name=no-data", token=head.token)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "mae pretrain: error:" in r.stdout and "no_such_preset" in r.stdout and "FAILED" in r.stderr
+    assert "mae pretrain: error:" in r.stdout and "no-such-shards" in r.stdout and "FAILED" in r.stderr
 
     # a job stopped while it runs: `mae jobs logs --follow` exits 3 (stopped)
     r = mae("submit", "--address", head.address, "--", "pretrain",
@@ -215,7 +217,8 @@ def test_a_job_ships_the_project_allowlist_not_the_checkout():
     import shutil
 
     from jobs.submit import build_submission
-    sub = build_submission(["pretrain", "train.max_steps=1"], env_names=[], working_dir=None, pip=[],
+    sub = build_submission(["pretrain", "data.source=s3://b/shards", "train.max_steps=1"], env_names=[],
+                           working_dir=None, pip=[],
                            entrypoint_num_cpus=None, entrypoint_num_gpus=None, submission_id=None)
     wd = sub["kwargs"]["runtime_env"]["working_dir"]
     try:

@@ -17,6 +17,27 @@ class RunFailed(RuntimeError):
     """A run that started and failed (after its retries): printed as one line, exit status 1."""
 
 
+def parse_args(ap, argv: list[str], *, strict: bool = False):
+    """``ap.parse_args(argv)``. ``strict``: an error (an unknown flag, a bad value, a missing
+    argument) raises a one-line :class:`UserError` instead of printing the usage and exiting, and
+    ``--help`` is refused: how ``mae submit`` checks a command line on the user's machine."""
+    if strict:
+        if any(x in ("-h", "--help") for x in argv):
+            raise UserError(f"--help is not submitted: run `{ap.prog} --help` here")
+
+        def error(message: str):
+            raise UserError(message)
+        ap.error = error
+    return ap.parse_args(argv)
+
+
+def refuse_config_flag(prog: str, argv: list[str]) -> None:
+    """``--config FILE`` (an old spelling in the docs): the config file is the first argument."""
+    if any(x == "--config" or x.startswith("--config=") for x in argv):
+        raise UserError(f"--config is not an option: give the config file first, as it is: "
+                        f"{prog} CONFIG.yaml [section.field=value ...]")
+
+
 def say(line: str) -> None:
     """One line to stdout, at once. Not ``print``: in a Ray Train V2 worker ``print`` is patched to
     go to Train's logger *and* to Ray's captured stdout, and every line reached the driver twice."""

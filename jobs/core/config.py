@@ -93,7 +93,7 @@ class ScalingSection:
 @dataclass
 class RunSection:
     name: str = _f("mae-pretrain", "run name: the same name and storage_path resume the run")
-    storage_path: str = _f("./runs", "where runs live: s3://bucket/prefix, gs://..., or a local path")
+    storage_path: str = _f("./runs", "where runs live: s3://bucket/prefix, gs://..., az://..., or a local path")
     shared_fs: bool = _f(False, "local paths (data.source, run.storage_path, model.init_from) are on a "
                                 "filesystem every node mounts; else they are refused on a multi-node cluster")
     max_failures: int = _f(3, "restarts of the worker group from the latest checkpoint on failure (a lost worker, "

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 
 PROJECT = ("pipeline", "mae_model", "jobs", "pyproject.toml")  # what the workers import, and its metadata
-ENV_ALLOW = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+ENV_ALLOW = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+             "AZURE_STORAGE_ACCOUNT_NAME")  # where az:// URIs live (adlfs reads it); not a credential
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*")
 
 

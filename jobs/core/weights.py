@@ -75,7 +75,7 @@ def select(uri: str, *, step: int | None = None, best: bool = False, metric: str
     (--step N, --best, default the latest) -> that checkpoint's row."""
     u = parse_uri(uri)
     if _is_ckpt_dir(u):
-        parent = URI(u.scheme, u.path.rstrip("/").rsplit("/", 1)[0])
+        parent = u.parent()
         rows = [r for r in describe_run(str(parent)) if r["name"] == u.path.rstrip("/").rsplit("/", 1)[-1]]
         if not rows:
             raise UserError(f"{uri}: no such checkpoint: see `mae ckpt list {parent}`")
