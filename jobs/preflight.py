@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 
-from jobs.core.common import UserError, init_ray, one_line_errors
+from jobs.core.common import UserError, init_ray, one_line_errors, parse_args, refuse_config_flag
 from jobs.core.config import PretrainConfig, load
 from jobs.core.placement import FAIL, OK, WARN, Row, alive_nodes, node_label, placement_rows
 
@@ -216,12 +216,26 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    a = parser().parse_args(argv)
-    if a.config and "=" in a.config:
+def parse(argv: list[str], *, strict: bool = False) -> argparse.Namespace:
+    refuse_config_flag("mae preflight", argv)
+    a = parse_args(parser(), argv, strict=strict)
+    if a.config and "=" in a.config:  # only overrides given
         a.overrides.insert(0, a.config)
         a.config = None
+    return a
+
+
+def check(argv: list[str]) -> str | None:
+    """What ``mae submit`` checks locally: the arguments and the config. -> the config file named."""
+    a = parse(argv, strict=True)
+    load(a.config, a.overrides)
+    return a.config
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     with one_line_errors("mae preflight"):
+        a = parse(argv)
         cfg = load(a.config, a.overrides)
         init_ray(cfg.run.address or None)
         rows = run_preflight(cfg, allreduce_mb=a.allreduce_mb, network=not a.no_network)

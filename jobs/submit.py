@@ -1,4 +1,4 @@
-"""mae submit [--address URL] [--follow] -- pretrain|tune|evaluate|prepare ARGS...
+"""mae submit [--address URL] [--follow] -- pretrain|tune|evaluate|prepare|preflight ARGS...
 
 Runs one of the project's commands as a Ray job on a cluster (Ray Job Submission): this checkout
 goes along as the job's ``working_dir`` (an allowlist: pipeline/, mae_model/, jobs/, pyproject.toml;
@@ -42,7 +42,7 @@ from jobs.core.common import UserError, one_line_errors
 from jobs.core.ship import allowed_env, project_root, stage
 from pipeline.storage import SECRET_ENV, redact
 
-SUBMITTABLE = ("pretrain", "tune", "evaluate", "prepare")
+SUBMITTABLE = ("pretrain", "tune", "evaluate", "prepare", "preflight")
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 _SECRETISH = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.I)
 
@@ -250,7 +250,7 @@ def follow(c, sid: str, addr: str) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mae submit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 usage="mae submit [OPTIONS] -- {pretrain,tune,evaluate,prepare} ARGS...")
+                                 usage="mae submit [OPTIONS] -- {pretrain,tune,evaluate,prepare,preflight} ARGS...")
     ap.add_argument("--address", default=None, help="job server, http://HEAD:8265 (default: RAY_ADDRESS)")
     ap.add_argument("--follow", "-f", action="store_true", help="stream the logs; exit with the job's status")
     ap.add_argument("--env", action="append", default=[], metavar="NAME",
