@@ -133,7 +133,10 @@ def _trainer_step_shell(model, opt):
     t.cfg = PretrainConfig.from_dict({"data": {"source": "unused"}, "optim": {"clip_grad": 1.0}})
     t.model, t.opt, t.accum, t.device = model, opt, 2, torch.device("cpu")
     t.autocast, t.step, t.total, t.peak, t.warmup = contextlib.nullcontext(), 0, 10, 1e-3, 0
-    t._reset_window()
+    from jobs.core.metrics import StepWindow
+    t.window = object.__new__(StepWindow)  # its sums only: no peak-FLOPs measurement
+    t.window.device = t.device
+    t.window.reset()
     return t
 
 
