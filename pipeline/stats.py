@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .stream import on_this_node
+
 STATS_ACTOR = "mae_pipeline_stats"
 
 
@@ -59,7 +61,8 @@ def stats_actor(create: bool = True, run_id: str = ""):
         # long as one dataset's references to it).
         key = (ray.get_runtime_context().get_job_id(), name)
         if key not in _STATS:
-            _STATS[key] = _stats_actor_cls().options(name=name, get_if_exists=True).remote()
+            _STATS[key] = _stats_actor_cls().options(name=name, get_if_exists=True,
+                                                     scheduling_strategy=on_this_node()).remote()
         return _STATS[key]
     try:
         return ray.get_actor(name)

@@ -83,6 +83,16 @@ def _position_actor_cls():
 _POSITIONS: dict = {}  # (job id, actor name) -> handle: the actors this driver owns
 
 
+def on_this_node():
+    """The scheduling strategy that keeps a run's actors on its driver's node. An actor of no CPU
+    may otherwise land on any node; on a spot node, a reclaim would take it (and with it the
+    stream's position, or its counters) while the run's restarted workers still need it. The
+    driver's node is where the run's controller and stream coordinator live anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _position_name(run_id: str) -> str:
     import hashlib
     return f"{POSITION_ACTOR}-{hashlib.sha1(run_id.encode()).hexdigest()[:16]}"
@@ -99,7 +109,8 @@ def position_actor(run_id: str, create: bool = True):
         # long as one dataset's references to it).
         key = (ray.get_runtime_context().get_job_id(), name)
         if key not in _POSITIONS:
-            _POSITIONS[key] = _position_actor_cls().options(name=name, get_if_exists=True).remote()
+            _POSITIONS[key] = _position_actor_cls().options(name=name, get_if_exists=True,
+                                                            scheduling_strategy=on_this_node()).remote()
         return _POSITIONS[key]
     try:
         return ray.get_actor(name)

@@ -49,7 +49,7 @@ def test_fault_injection_is_not_a_user_setting(monkeypatch):
     assert Faults.from_env() is None
     monkeypatch.setenv(ENV, json.dumps({"crash_at_step": 6, "crash_in_upload": True}))
     f = Faults.from_env()
-    assert f.crash_in_upload_of(6) and not f.crash_after_step(6) and not f.crash_in_upload_of(5)
+    assert f.crash_in_upload_of(6) and not f.crash_in_upload_of(5) and f.step_sleep_s == 0
     monkeypatch.setenv(ENV, json.dumps({"crash_at": 6}))
     with pytest.raises(ValueError, match="crash_at"):
         Faults.from_env()

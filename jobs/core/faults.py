@@ -4,10 +4,8 @@ The driver reads ``MAE_TEST_FAULTS`` (JSON) from its own environment and hands i
 in the plan (:class:`jobs.core.plan.RunPlan`), so a test sets it with ``monkeypatch.setenv``
 around one ``fit`` call. Keys:
 
-- ``crash_at_step``: SIGKILL rank 1 once at this step, once the last save is complete on every
-  rank (so the restart point is known: that checkpoint);
-- ``crash_in_upload``: with ``crash_at_step`` (a checkpoint step), SIGKILL rank 1 inside its
-  upload of that checkpoint instead, before its shard lands;
+- ``crash_at_step`` with ``crash_in_upload``: SIGKILL rank 1 inside its upload of the checkpoint
+  of that step, before its shard lands (a worker lost mid-save);
 - ``stop_after_steps``: return cleanly after this many steps of the attempt (a stopped job);
 - ``step_sleep_s``: sleep this long after every step (a slow run, for events that must land mid-run).
 
@@ -42,9 +40,6 @@ class Faults:
         if set(d) - known:
             raise ValueError(f"{ENV}: unknown key(s) {sorted(set(d) - known)}; known: {sorted(known)}")
         return cls(**d)
-
-    def crash_after_step(self, step: int) -> bool:
-        return self.crash_at_step == step and not self.crash_in_upload
 
     def crash_in_upload_of(self, step: int) -> bool:
         return self.crash_in_upload and self.crash_at_step == step

@@ -216,7 +216,6 @@ def prepare_run(cfg: PretrainConfig, t_launch: float, check_cpus: bool):
     from jobs.core.placement import check_placement
     if check_cpus:  # off in a Tune trial: `mae tune` checked that a whole trial fits
         check_data_cpus(*cpu_needs(cfg), what=f"run {cfg.run.name}")
-        check_placement(cfg, what=f"run {cfg.run.name}")  # per node: the cheap part of `mae preflight`
     check_visible_to_cluster(paths_of(cfg), shared_fs=cfg.run.shared_fs, setting="run.shared_fs=true")
     run = Store(run_dir_of(cfg))
     latest = ckpt.latest_complete(run)
@@ -224,7 +223,10 @@ def prepare_run(cfg: PretrainConfig, t_launch: float, check_cpus: bool):
     if run.exists("FAILED.json"):
         run.rm(["FAILED.json"])  # a new attempt resumes from the last good checkpoint
     info = resolve(cfg.data.source, cfg.data.split, cfg.data.val_fraction, cfg.data.seed)
-    return run, latest, resumed, make_plan(cfg, info, t_launch, resumed), info
+    plan = make_plan(cfg, info, t_launch, resumed)
+    if check_cpus and not plan.finished:  # per node: the cheap part of `mae preflight`
+        check_placement(cfg, what=f"run {cfg.run.name}")
+    return run, latest, resumed, plan, info
 
 
 def build_stream(cfg: PretrainConfig, plan: RunPlan, info: SourceInfo, run: Store, start: int):

@@ -28,8 +28,6 @@ from jobs.core.build import agree_strategy, build_model
 from jobs.core.checkpointer import Checkpointer
 from jobs.core.common import attempt_scratch, say
 from jobs.core.config import PretrainConfig
-from jobs.core.faults import MARK as FAULT_MARK
-from jobs.core.faults import kill_victim
 from jobs.core.metrics import MetricsLogger, StepWindow
 from jobs.core.optim import build_optimizer, guarded_step, lr_at
 from jobs.core.plan import RunPlan
@@ -293,18 +291,10 @@ class Trainer:
         return True
 
     def inject_faults(self) -> None:
-        """Test-only (:mod:`jobs.core.faults`): SIGKILL rank 1 once at the planned step, after the
-        last save is complete on every rank (so the restart point is known: that checkpoint)."""
+        """Test-only (:mod:`jobs.core.faults`): a slow step, for events that must land mid-run."""
         f = self.plan.faults
-        if f is None:
-            return
-        if f.step_sleep_s:
+        if f is not None and f.step_sleep_s:
             time.sleep(f.step_sleep_s)
-        if not f.crash_after_step(self.step) or self.run.exists(FAULT_MARK):
-            return
-        self.ckpt.wait()
-        dist.barrier(group=self.cpu_group)
-        kill_victim(self.run, self.rank, self.world, f"at step {self.step}")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
