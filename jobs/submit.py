@@ -123,10 +123,21 @@ class cluster_errors:
 
 
 # ---------------------------------------------------------------------------- what is sent
-def job_env(extra: list[str]) -> tuple[dict[str, str], list[str]]:
-    """(variables for the job, notes to print). Allow-listed settings when set here, plus the
-    variables named with --env. Notes name variables, never values."""
-    env, notes = allowed_env(), []
+def trackers_of(cmd: str, args: list[str]) -> tuple[str, ...]:
+    """The experiment trackers the submitted command's config turns on (their credentials go along)."""
+    if cmd not in ("pretrain", "tune"):
+        return ()
+    from jobs.core.config import load
+    a = importlib.import_module(f"jobs.{cmd}").parse(args, strict=True)
+    track = load(a.config, a.overrides).track
+    return tuple(t for t in ("mlflow", "wandb") if getattr(track, t))
+
+
+def job_env(extra: list[str], trackers: tuple[str, ...] = ()) -> tuple[dict[str, str], list[str]]:
+    """(variables for the job, notes to print). Allow-listed settings when set here, the
+    credentials of the trackers the command turns on, plus the variables named with --env. Notes
+    name variables, never values."""
+    env, notes = allowed_env(trackers), []
     for k in extra:
         if "=" in k:
             raise UserError(f"--env {k.split('=', 1)[0]}=...: give only the NAME; its value is read from "
@@ -176,7 +187,7 @@ def build_submission(argv: list[str], *, env_names: list[str], working_dir: str 
         raise UserError(f"{cmd!r} cannot be submitted: choose one of {', '.join(SUBMITTABLE)} "
                         "(put mae submit's own options before --)")
     config = check_command(cmd, args)  # first: a wrong command line costs no upload and no connection
-    env, notes = job_env(env_names)
+    env, notes = job_env(env_names, trackers_of(cmd, args))
     runtime_env: dict = {"env_vars": env}
     wd = project_root() if working_dir is None else (None if working_dir == "none" else working_dir)
     if wd and not os.path.isdir(wd):

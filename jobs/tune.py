@@ -205,6 +205,7 @@ def write_results(rows: list[dict], tune_dir: str, best_cfg: PretrainConfig | No
         best_cfg.train.knn_eval = False
         best_cfg.run.storage_path = str(u.join("best-run"))
         best_cfg.run.name = "mae-best"
+        best_cfg.track.group, best_cfg.track.mlflow_parent = "", ""  # a run of its own, not a trial
         write_bytes(u.join("best_config.yaml"), best_cfg.to_yaml().encode())
 
 
@@ -240,6 +241,12 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
     from jobs.core.launch import paths_of
     check_visible_to_cluster({**paths_of(base), "run.storage_path": storage}, shared_fs=base.run.shared_fs,
                              setting="run.shared_fs=true")
+    from jobs.core.tracking import check_trackers, finish_search, search_parent
+    check_trackers(base.track)
+    if base.track.mlflow or base.track.wandb:  # one search: its trials grouped under it
+        from pipeline.storage import Store
+        base.track.group = base.track.group or name
+        base.track.mlflow_parent = base.track.mlflow_parent or search_parent(base.track, Store(tune_dir), name, space) or ""
     cluster = cluster_capacity()
     fit_at_once = max_concurrent(base, cluster)  # also refuses a trial that cannot fit
     from jobs.core.placement import check_placement
@@ -282,6 +289,7 @@ def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, sear
         pass
     if rows:
         write_results(rows, tune_dir, best_cfg)
+        finish_search(base.track, base.track.mlflow_parent, rows)
     return grid, rows, tune_dir
 
 

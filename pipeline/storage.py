@@ -31,7 +31,8 @@ from typing import Iterator
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
               "GOOGLE_APPLICATION_CREDENTIALS", "RAY_AUTH_TOKEN",
               "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
-              "AZURE_STORAGE_CLIENT_SECRET", "AZURE_CLIENT_SECRET")
+              "AZURE_STORAGE_CLIENT_SECRET", "AZURE_CLIENT_SECRET",
+              "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY")
 
 # Protocols with their own handling; any other one fsspec knows goes through fsspec generically.
 ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}

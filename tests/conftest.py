@@ -73,6 +73,44 @@ def ray_cluster(s3):
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (a local SQLite store and artifact folder), for
+    the tests that log runs to it; stopped by its own process group at the end."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from s3server import free_port
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "wb")
+    p = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+                          "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                          "--artifacts-destination", str(root / "artifacts")],
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if p.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("the MLflow server did not start: " + (root / "server.log").read_text()[-2000:])
+                time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(p.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="session")
 def labeled_dir(tmp_path_factory):
     """A small learnable labeled set in ImageFolder layout (4 classes)."""
     from pipeline.synthetic import write_labeled_folder

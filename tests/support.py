@@ -48,6 +48,9 @@ RAY_TEST_ENV: dict[str, str] = {
     # Keep idle worker processes (default: any above the node's CPU count are killed after 1 s
     # idle): a decode task's worker has imported torch (~4 CPU-s); without this every run pays it again.
     "RAY_num_workers_soft_limit": "10",
+    # Weights & Biases: runs stay on disk (no account, no network), quietly
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
 }
 """The test suite's environment: ``RAY_LOCAL_ENV`` and the settings that make its many small Ray
 runs cheaper on a 2-core machine."""

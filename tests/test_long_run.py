@@ -42,7 +42,10 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
         in_run = r.path.startswith(prefix + "/") or (r.path == f"/{bucket}" and f"prefix={run_key}" in
                                                        r.query.replace("%2F", "/"))
         bulk_delete = r.path == f"/{bucket}" and r.query.startswith("delete")
-        if (in_run or bulk_delete) and not r.path.endswith(RAY_OWN):
+        # TensorBoard's files are synced from a thread of their own at log cadence (not part of a
+        # save), and the reconstruction pictures at picture steps: neither is a checkpoint's cost
+        log_files = "/tb/" in r.path or "/pictures/" in r.path or r.path.endswith("/reconstruction_latest.png")
+        if (in_run or bulk_delete) and not r.path.endswith(RAY_OWN) and not log_files:
             mine.append(r)
     starts: dict[int, float] = {}
     for r in mine:
@@ -68,14 +71,18 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
     return out
 
 
-def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, prepared_shards, labeled_dir, monkeypatch):
+def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, prepared_shards, labeled_dir, monkeypatch,
+                                                           mlflow_server):
     shards = prepared_shards(labeled_dir, "many-shards", shard_size_mb=0.005, val_fraction=0.0)
     m = read_manifest(shards)
     assert len(m["splits"]["train"]["files"]) >= 20  # many small shards (ImageNet has ~1,000)
     common = ["data.rows_per_unit=8", "data.shuffle_buffer=16", "train.ckpt_every=1", "train.keep_last=1",
               "train.best_metric=", "run.max_failures=2"]
+    # logged to a real MLflow server too, with two reconstruction pictures
+    tracked = ["track.mlflow=true", f"track.mlflow_uri={mlflow_server}", "track.experiment=long-run",
+               "train.vis_images=2", "train.vis_every=6"]
     cfg = tiny_config(shards, f"s3://{bucket}/runs", "long", *common, "train.max_steps=12", "scaling.num_workers=2",
-                      "scaling.strategy=fsdp")
+                      "scaling.strategy=fsdp", *tracked)
     mark = s3.proxy.mark()
     before = scratch_dirs()
     with monkeypatch.context() as mp:  # the test-only fault hook (jobs.core.faults), read by the driver
@@ -93,6 +100,18 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, prepared_
     # the killed attempt could not remove its scratch directory (its checkpoint staging): the
     # restarted group did, so nothing of the run is left on the nodes' disks
     assert scratch_dirs() <= before, scratch_dirs() - before
+    # One MLflow run holds both attempts: its params, every step once (the restarted attempt did
+    # not log again what the killed one had logged), the pictures, the last checkpoint's URI
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_server)
+    (mrun,) = client.search_runs([client.get_experiment_by_name("long-run").experiment_id])
+    assert json.loads(read_bytes(f"{run}/tracking.json"))["mlflow"] == mrun.info.run_id
+    assert mrun.data.params["model.preset"] == "mae_vit_micro_patch4" and mrun.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "loss")] == list(range(1, 13))
+    assert {"lr", "throughput/images_per_s", "memory/peak_mb"} <= set(mrun.data.metrics)
+    pictures = [a.path for a in client.list_artifacts(mrun.info.run_id, "pictures")]
+    assert pictures == ["pictures/reconstruction_00000006.png", "pictures/reconstruction_00000012.png"], pictures
+    assert mrun.data.tags["checkpoint_latest"].endswith("/runs/long/checkpoint_00000012")
 
     counts = per_checkpoint_requests(s3.proxy.since(mark), bucket, "runs/long")
     for k in sorted(counts):

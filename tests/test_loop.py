@@ -66,3 +66,67 @@ def test_the_plan_is_typed_and_frozen():
     planned = plan.with_stream(Stream((8, 8), 0, True), None)
     assert planned.stream.rows_per_epoch == 16 and plan.stream is None
     assert pickle.loads(pickle.dumps(planned)) == planned  # it travels in train_loop_config
+
+
+def test_a_tracker_turned_on_but_missing_or_unreachable_is_one_line_at_launch(monkeypatch):
+    import socket
+    import sys
+
+    from jobs.core.common import UserError
+    from jobs.core.tracking import check_trackers
+    track = load(None, ["data.source=/x", "track.mlflow=true"]).track
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI"):
+        check_trackers(track)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    track.mlflow_uri = f"http://127.0.0.1:{port}"
+    with pytest.raises(UserError, match="does not answer"):
+        check_trackers(track)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    with pytest.raises(UserError, match=r"pip install 'ray-mae\[mlflow\]'"):
+        check_trackers(track)
+    wb = load(None, ["data.source=/x", "track.wandb=true"]).track
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(UserError, match="WANDB_API_KEY"):
+        check_trackers(wb)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(UserError, match=r"pip install 'ray-mae\[wandb\]'"):
+        check_trackers(wb)
+
+
+def test_a_tracker_that_raises_is_reported_once_and_never_holds_the_caller(tmp_path, capsys):
+    """The training thread only queues; a failing tracker is switched off after one warning line
+    and named in the run's tracking.json."""
+    import threading
+
+    from jobs.core.faults import RaisingTracker
+    from jobs.core.tracking import Tracking
+    from pipeline.storage import Store
+    release = threading.Event()
+
+    class Slow:
+        name = "slow"
+        calls = 0
+
+        def __getattr__(self, method):
+            def call(*args):
+                release.wait(30)  # a tracker stuck on the network
+                Slow.calls += 1
+            return call
+
+    cfg = load(None, ["data.source=/x"])
+    t = Tracking(cfg, Store(str(tmp_path / "run")), run_name="r", local_dir=str(tmp_path), extra=[RaisingTracker(), Slow()])
+    t.start({"a": 1})
+    for step in range(1, 50):
+        t.metrics(step, {"loss": 1.0 / step})  # returns at once while the tracker thread is stuck
+    assert Slow.calls == 0
+    release.set()
+    t.close(True)
+    out = capsys.readouterr().out
+    assert out.count("tracker raising failed") == 1, out
+    assert Slow.calls == 1 + 49 + 1  # start, every step, close
+    state = json.loads((tmp_path / "run" / "tracking.json").read_text())
+    assert "raising" in state["failed"]

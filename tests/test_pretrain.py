@@ -73,13 +73,19 @@ def reports_in(path):
 @pytest.fixture(scope="module")
 def tiny(shards, bucket, tmp_path_factory):
     """The 2-worker FSDP2 run on 2 nodes (16 steps, checkpoints at 8 and 16): asserted on by the
-    next test, and the weights the own-disk node's run starts from."""
+    next test, and the weights the own-disk node's run starts from. Logged to W&B (offline: the
+    test cluster's environment says WANDB_MODE=offline) and to a tracker that raises on every call."""
     cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8", "scaling.strategy=fsdp",
-                 "scaling.placement_strategy=SPREAD")  # the default, PACK, would put both on one node
+                 "scaling.placement_strategy=SPREAD",  # the default, PACK, would put both on one node
+                 "track.wandb=true", "track.sync_every_s=0")  # TensorBoard synced at every log step
     counter = str(tmp_path_factory.mktemp("tiny") / "reports.jsonl")
     before, earlier, controllers = scratch_dirs(), actors("RayTrainWorker"), actors("TrainController")
     sigint = signal.getsignal(signal.SIGINT)
-    result, plan = fit(cfg, callbacks=[ReportCounter(counter)])
+    os.environ[FAULTS_ENV] = json.dumps({"raising_tracker": True})  # read by the driver, in fit
+    try:
+        result, plan = fit(cfg, callbacks=[ReportCounter(counter)])
+    finally:
+        del os.environ[FAULTS_ENV]
     return {"cfg": cfg, "result": result, "plan": plan, "reports": counter, "scratch_before": before,
             "workers": {a: n for a, n in actors("RayTrainWorker").items() if a not in earlier},
             "controllers": set(actors("TrainController")) - set(controllers),
@@ -124,6 +130,22 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     # the two workers ran on two nodes
     ours = tiny["workers"]
     assert len(ours) == 2 and len(set(ours.values())) == 2
+    # The trackers: the one that raised on every call was reported once and left alone while the
+    # run went on to its end; W&B's offline run went with the run (its records hold every logged
+    # loss, JSON-encoded as metrics.jsonl has them) with the pictures; TensorBoard has the scalars
+    # and the reconstruction picture as an image
+    state = json.loads(read_bytes(f"{run}/tracking.json"))
+    assert "raising" in state["failed"] and state["wandb"]
+    wandb_files = [p for p, _ in list_files(f"{run}/wandb")]
+    (records,) = [p for p in wandb_files if p.endswith(f"run-{state['wandb']}.wandb")]
+    data = read_bytes(f"s3://{records}")
+    assert all(json.dumps(r["loss"]).encode() in data for r in m)
+    assert len([p for p in wandb_files if "/media/images/reconstruction_" in p]) == 2  # steps 8 and 16
+    tb_dir = tmp_path / "tb"
+    fs.get(f"{run[5:]}/tb/", str(tb_dir) + "/", recursive=True)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(tb_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert "reconstruction" in ev.Tags()["images"] and len(ev.Scalars("loss")) == 16
     # credentials never land in the saved config
     saved = read_bytes(f"{run}/config.yaml").decode()
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in saved

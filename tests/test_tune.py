@@ -111,14 +111,15 @@ def test_probe_images_cost_bytes_in_proportion_and_are_class_balanced(tune_shard
 # ASHA's rung cutoff is numpy's nanpercentile: when the absurd trial's NaN reaches the rung first,
 # the sane trial's cutoff is taken over NaN alone (no cut: what the test expects), and numpy warns
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
-def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, bucket):
+def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, bucket, mlflow_server):
     from jobs.tune import OBJECTIVE, run_tune
     from pipeline.storage import read_bytes
     # one worker per trial here (the scheduler is under test; the resume test below runs 2), and no
     # k-NN probe beside the loss (the resume test's objective is the k-NN): without it and without
     # pictures, a trial's driver reads no images and never imports torch
     base = tiny_config(tune_shards, f"s3://{bucket}/tune", None, *TRIAL, "scaling.num_workers=1",
-                       f"train.batch_size={BATCH * WORKERS}")
+                       f"train.batch_size={BATCH * WORKERS}",
+                       "track.mlflow=true", f"track.mlflow_uri={mlflow_server}", "track.experiment=asha")
     # A learning-rate search, objective the loss (the trials share the mask ratio). Grid in order,
     # two trials at a time: a sane learning rate beside an absurd one (1000: the loss turns
     # non-finite at the first report and the guard ends the trial: its NaN is no rival at the
@@ -178,6 +179,15 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
             if a.class_name.endswith(kind):
                 placed.setdefault(kind, set()).add(a.node_id)
     assert len(stable) == 1 and placed["ImplicitFunc"] and all(v <= stable for v in placed.values()), placed
+    # In MLflow the search is one parent run, each trial a child run with its config as parameters
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.run_name == "search search" and parent.info.status == "FINISHED"
+    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.005, 5.0, 1000.0]
+    assert {r.info.run_name for r in children} == {r["trial"] for r in rows}
 
 
 def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster, tmp_path,

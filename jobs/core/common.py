@@ -176,21 +176,13 @@ def _owner_alive(path: str) -> bool | None:
         return False
 
 
-def attempt_scratch() -> str:
-    """A scratch directory for this process (one training attempt) in the node's temp dir.
-
-    An attempt normally removes its own at the end; one that is SIGKILLed (a crashed worker, a
-    trial cut by a scheduler, the OOM killer, Ray tearing down a failed worker group while the
-    attempt removes its scratch) cannot, and its directory holds the local copy of the checkpoint
-    it was staging: on a node that runs attempt after attempt for weeks that fills the disk. So
-    each new attempt first removes the directories whose owner process is gone, and those with no
-    owner at all: a scratch directory gets its name only once its owner file is in (it is made
-    under another prefix and renamed), so one without is a removal that was cut short."""
+def sweep_scratch() -> None:
+    """Remove the scratch directories of this node's dead attempts (see :func:`attempt_scratch`).
+    Run when an attempt starts and again when it ends: a killed attempt's process can outlive the
+    start of the next one by a moment (its threads finishing), and its directory would stay."""
     import shutil
     import tempfile
     import time
-
-    import psutil
     tmp = tempfile.gettempdir()
     for name in os.listdir(tmp):
         path = os.path.join(tmp, name)
@@ -205,6 +197,23 @@ def attempt_scratch() -> str:
             continue
         if dead:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def attempt_scratch() -> str:
+    """A scratch directory for this process (one training attempt) in the node's temp dir.
+
+    An attempt normally removes its own at the end; one that is SIGKILLed (a crashed worker, a
+    trial cut by a scheduler, the OOM killer, Ray tearing down a failed worker group while the
+    attempt removes its scratch) cannot, and its directory holds the local copy of the checkpoint
+    it was staging: on a node that runs attempt after attempt for weeks that fills the disk. So
+    each new attempt first removes the directories whose owner process is gone, and those with no
+    owner at all: a scratch directory gets its name only once its owner file is in (it is made
+    under another prefix and renamed), so one without is a removal that was cut short."""
+    import tempfile
+
+    import psutil
+    sweep_scratch()
+    tmp = tempfile.gettempdir()
     staging = tempfile.mkdtemp(prefix=_SCRATCH_STAGING)
     with open(os.path.join(staging, "owner"), "w") as f:
         f.write(f"{os.getpid()} {psutil.Process().create_time()!r}")

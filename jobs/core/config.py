@@ -107,6 +107,23 @@ class RunSection:
 
 
 @dataclass
+class TrackSection:
+    tensorboard: bool = _f(True, "TensorBoard event files in <run>/tb (scalars and the reconstruction picture), "
+                                 "synced to storage every sync_every_s while the run goes")
+    mlflow: bool = _f(False, "log to MLflow (pip install 'ray-mae[mlflow]'); the server: mlflow_uri or "
+                             "MLFLOW_TRACKING_URI")
+    wandb: bool = _f(False, "log to Weights & Biases (pip install 'ray-mae[wandb]'); WANDB_API_KEY, or "
+                            "WANDB_MODE=offline")
+    experiment: str = _f("ray-mae", "MLflow experiment / W&B project")
+    mlflow_uri: str = _f("", "MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    group: str = _f("", "W&B group, MLflow tag mae.search: the search a trial belongs to (set by mae tune)")
+    mlflow_parent: str = _f("", "MLflow parent run id: the search's run, its trials' runs nested under it "
+                                "(set by mae tune)")
+    sync_every_s: float = _f(30.0, "seconds between syncs of the TensorBoard files to the run's storage "
+                                   "(off the training thread)")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -114,6 +131,7 @@ class PretrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     run: RunSection = field(default_factory=RunSection)
+    track: TrackSection = field(default_factory=TrackSection)
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:
@@ -175,7 +193,7 @@ class PretrainConfig:
 
 
 SECTIONS = {"model": ModelSection, "data": DataConfig, "optim": OptimSection, "train": TrainSection,
-            "scaling": ScalingSection, "run": RunSection}
+            "scaling": ScalingSection, "run": RunSection, "track": TrackSection}
 
 
 def _coerce(name: str, current: Any, value: Any, ftype) -> Any:

@@ -7,7 +7,8 @@ around one ``fit`` call. Keys:
 - ``crash_at_step`` with ``crash_in_upload``: SIGKILL rank 1 inside its upload of the checkpoint
   of that step, before its shard lands (a worker lost mid-save);
 - ``stop_after_steps``: return cleanly after this many steps of the attempt (a stopped job);
-- ``step_sleep_s``: sleep this long after every step (a slow run, for events that must land mid-run).
+- ``step_sleep_s``: sleep this long after every step (a slow run, for events that must land mid-run);
+- ``raising_tracker``: rank 0 logs to one more tracker, whose every call raises.
 
 "Once" is per run: the victim leaves ``crash_injected`` in the run directory before it dies.
 """
@@ -29,6 +30,7 @@ class Faults:
     crash_in_upload: bool = False
     stop_after_steps: int = -1
     step_sleep_s: float = 0.0
+    raising_tracker: bool = False
 
     @classmethod
     def from_env(cls) -> "Faults | None":
@@ -53,3 +55,13 @@ def kill_victim(run, rank: int, world: int, when: str) -> None:
     run.write(MARK, b"1")
     say(f"[mae] test fault: SIGKILL rank {rank} (pid {os.getpid()}) {when}")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RaisingTracker:
+    """A tracker whose every call raises (``raising_tracker``)."""
+    name = "raising"
+
+    def __getattr__(self, method: str):
+        def fail(*args, **kwargs):
+            raise RuntimeError(f"raising tracker: {method} refused")
+        return fail

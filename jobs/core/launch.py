@@ -216,6 +216,8 @@ def prepare_run(cfg: PretrainConfig, t_launch: float, check_cpus: bool):
     from jobs.core.placement import check_placement
     if check_cpus:  # off in a Tune trial: `mae tune` checked that a whole trial fits
         check_data_cpus(*cpu_needs(cfg), what=f"run {cfg.run.name}")
+    from jobs.core.tracking import check_trackers
+    check_trackers(cfg.track)  # installed and reachable, before any worker holds a GPU
     check_visible_to_cluster(paths_of(cfg), shared_fs=cfg.run.shared_fs, setting="run.shared_fs=true")
     run = Store(run_dir_of(cfg))
     latest = ckpt.latest_complete(run)

@@ -191,6 +191,21 @@ class MetricsLogger:
         if line:
             say(line)
 
+    def image(self, step: int, name: str, img) -> None:
+        """An (H, W, 3) uint8 picture as a TensorBoard image summary."""
+        if self.tb is not None:
+            self.tb.add_image(name, img, step, dataformats="HWC")
+            self.tb.flush()
+
+    def sync_tb(self) -> None:
+        """The TensorBoard event files to the run directory (from the tracking thread, at log
+        cadence: ``tensorboard --logdir <run>/tb`` shows a running job)."""
+        tb = os.path.join(self.local_dir, "tb")
+        if self._same_place() or not os.path.isdir(tb):
+            return
+        for fn in os.listdir(tb):
+            self.run.put(os.path.join(tb, fn), f"tb/{fn}")
+
     def sync(self) -> None:
         if self._same_place():
             return

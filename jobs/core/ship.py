@@ -14,7 +14,14 @@ import tempfile
 
 PROJECT = ("pipeline", "mae_model", "jobs", "pyproject.toml")  # what the workers import, and its metadata
 ENV_ALLOW = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-             "AZURE_STORAGE_ACCOUNT_NAME")  # where az:// URIs live (adlfs reads it); not a credential
+             "AZURE_STORAGE_ACCOUNT_NAME",  # where az:// URIs live (adlfs reads it); not a credential
+             # the experiment trackers' own settings (where the runs go, not who may write them)
+             "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE",
+             "WANDB_BASE_URL")
+# A tracker's credentials go along only when the config turns that tracker on (a job that logs to
+# W&B needs its key on the cluster): values never printed, never written to a config.
+TRACKER_SECRETS = {"mlflow": ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+                   "wandb": ("WANDB_API_KEY",)}
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*")
 
 
@@ -36,10 +43,11 @@ def stage(root: str) -> str:
     return out
 
 
-def allowed_env() -> dict[str, str]:
-    """The allow-listed settings that are set in this shell (no credentials: cluster nodes reach
-    object storage with their own roles)."""
-    return {k: os.environ[k] for k in ENV_ALLOW if os.environ.get(k)}
+def allowed_env(trackers: tuple[str, ...] = ()) -> dict[str, str]:
+    """The allow-listed settings that are set in this shell (no storage credentials: cluster nodes
+    reach object storage with their own roles), and the credentials of the ``trackers`` turned on."""
+    names = ENV_ALLOW + tuple(k for t in trackers for k in TRACKER_SECRETS.get(t, ()))
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
 def inside_ray_job() -> bool:

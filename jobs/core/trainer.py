@@ -26,13 +26,14 @@ import torch.distributed as dist
 
 from jobs.core.build import agree_strategy, build_model
 from jobs.core.checkpointer import Checkpointer
-from jobs.core.common import attempt_scratch, say
+from jobs.core.common import attempt_scratch, say, sweep_scratch
 from jobs.core.config import PretrainConfig
 from jobs.core.metrics import MetricsLogger, StepWindow
 from jobs.core.optim import build_optimizer, guarded_step, lr_at
 from jobs.core.plan import RunPlan
 from jobs.core.probe import knn_top1, sharded_features
 from jobs.core.schedule import Cadence
+from jobs.core.tracking import Tracking
 from jobs.core.visualize import reconstruction_grid, save_png
 from mae_model.parallelize import set_gradient_sync, unwrap
 from pipeline.dataset import iter_kwargs
@@ -84,6 +85,12 @@ class Trainer:
         self.saved_metrics: dict = {}  # the resumed checkpoint's metrics
         self.scratch = attempt_scratch()  # and the dead attempts' scratch on this node goes
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
+        self.tracking = None
+        if self.rank == 0:  # its queue and thread: trackers never hold up a step
+            from jobs.core.faults import RaisingTracker
+            self.tracking = Tracking(cfg, self.run, run_name=cfg.run.name, local_dir=self.scratch,
+                                     extra=[RaisingTracker()] if plan.faults and plan.faults.raising_tracker else [])
+        self.last_tb_sync = time.monotonic()
         self.ckpt = Checkpointer(cfg, self.run, rank=self.rank, world=self.world, scratch=self.scratch,
                                  cpu_group=self.cpu_group, global_batch=self.global_batch,
                                  config_yaml=plan.config_yaml, faults=plan.faults)
@@ -125,6 +132,7 @@ class Trainer:
                 self._init_from(self.cfg.model.init_from)
         if self.rank == 0:
             self.logger.keep_until(self.step)  # the log continues from the checkpoint too
+            self.tracking.start(self.cfg.to_dict())  # a resumed run continues its tracker runs
             # The data continues where the chosen checkpoint's images end, also when this is a
             # restarted worker group whose stream was built by the driver for an earlier position.
             import ray
@@ -232,8 +240,13 @@ class Trainer:
         m["knn_top1"] = m[f"knn_top1/{self.cfg.train.knn_feature}"]
 
     def log(self, m: dict) -> None:
-        if self.rank == 0:
-            self.logger.log(self.step, public(m), line=self.window.line(m, self.total))
+        if self.rank != 0:
+            return
+        self.logger.log(self.step, public(m), line=self.window.line(m, self.total))
+        self.tracking.metrics(self.step, public(m))
+        if self.cfg.track.tensorboard and time.monotonic() - self.last_tb_sync >= self.cfg.track.sync_every_s:
+            self.tracking.submit(self.logger.sync_tb)
+            self.last_tb_sync = time.monotonic()
 
     def report_due(self) -> bool:
         """Rank 0 decides for all ranks whether a metrics-only report is due: by its clock, and not
@@ -255,6 +268,9 @@ class Trainer:
                               "accum_steps": self.accum, "strategy": self.strategy},
                        before_marker=self.logger.sync if self.rank == 0 else None)
         self.last_report = time.monotonic()
+        if self.rank == 0:
+            from jobs.core.checkpoint import ckpt_name
+            self.tracking.reference("checkpoint_latest", self.run.uri_of(ckpt_name(self.step)))
 
     def picture(self) -> None:
         vis = self.plan.vis
@@ -268,8 +284,11 @@ class Trainer:
         if self.rank == 0:
             path = os.path.join(self.scratch, f"reconstruction_{self.step:08d}.png")
             save_png(img, path)
-            self.logger.put_file(path, f"pictures/reconstruction_{self.step:08d}.png")
-            self.logger.put_file(path, "reconstruction_latest.png")
+            # uploaded off the training thread (the queue is drained before the scratch dir goes)
+            self.tracking.submit(self.logger.put_file, path, f"pictures/reconstruction_{self.step:08d}.png")
+            self.tracking.submit(self.logger.put_file, path, "reconstruction_latest.png")
+            self.logger.image(self.step, "reconstruction", img)
+            self.tracking.image(self.step, "reconstruction", img)
 
     def preempted(self) -> bool:
         """A node of this run is being preempted (Ray Train's notice: a barrier, called by every rank
@@ -351,10 +370,13 @@ class Trainer:
             if self.rank == 0 and ok:
                 self.logger.sync()
         finally:
+            if self.tracking is not None:
+                self.tracking.close(ok)
             if self.logger is not None:
                 self.logger.close()
             if self.ckpt.release_scratch():
                 shutil.rmtree(self.scratch, ignore_errors=True)
+            sweep_scratch()  # a killed attempt's dir whose process outlived this attempt's start
 
 
 def public(m: dict) -> dict:
