@@ -180,6 +180,11 @@ def evaluate(ckpt_uri: str, dataset: str, *, max_train: int | None = None, max_v
             fn = "evaluation_random_init.json" if name == "random_init" else "evaluation.json"
             write_bytes(parse_uri(ckpt_uri).join(fn), json.dumps(out, indent=1).encode())
         results[name] = out
+    if write:  # beside the run's training curves, in its experiment trackers
+        from jobs.core.tracking import log_evaluation
+        logged = log_evaluation(ckpt_uri, results)
+        if logged:
+            print(f"[evaluate] logged to the run's {' and '.join(logged)} run", flush=True)
     primary = results["random_init" if random_init else "trained"]
     if baseline and not random_init:
         primary = {**primary, "baseline": results["random_init"]}

@@ -339,7 +339,7 @@ def test_the_papers_linear_probe_on_the_runs_checkpoint(tiny, labeled_dir):
     ~40 s more for the same assertions; what the protocol learns is in bench/RESULTS.md."""
     from jobs.evaluate import evaluate
     paper = evaluate(run_dir_of(tiny["cfg"]), labeled_dir, workers=1, linear_protocol="mae", linear_epochs=2,
-                     linear_warmup_epochs=1, linear_batch=16, write=False,
+                     linear_warmup_epochs=1, linear_batch=16, write=True,
                      shared_fs=True)  # the simulated nodes share one disk
     assert paper["linear_protocol"] == "mae" and "linear_top1/cls" not in paper
     assert paper["random_init"] is False and paper["classes"] == 4
@@ -349,6 +349,12 @@ def test_the_papers_linear_probe_on_the_runs_checkpoint(tiny, labeled_dir):
     assert n + paper["val_images"] == 96 and n > 32
     assert paper["linear_mae"]["steps"] == 2 * (n // 16) and paper["linear_mae"]["lr"] == pytest.approx(0.1 * 16 / 256)
     assert paper["linear_mae"]["final_loss"] is not None
+    # the table went to the run's own W&B run too (offline here), beside its training curves
+    run = run_dir_of(tiny["cfg"])
+    tables = [p for p, _ in list_files(f"{run}/wandb") if "/media/table/evaluation" in p and p.endswith(".table.json")]
+    assert len(tables) == 1, tables
+    table = json.loads(read_bytes(f"s3://{tables[0]}"))
+    assert "knn_top1/cls" in table["columns"] and len(table["data"]) == 1
 
 
 def test_a_failed_run_is_one_line_and_exit_1(shards, bucket, capsys):

@@ -308,3 +308,67 @@ def finish_search(track, parent: str | None, rows: list[dict]) -> None:
     c = MlflowClient(mlflow_uri(track))
     c.log_dict(parent, rows, "results.json")
     c.set_terminated(parent, status="FINISHED")
+
+
+# ---------------------------------------------------------------------------- evaluations
+def log_evaluation(ckpt_uri: str, results: dict[str, dict]) -> list[str]:
+    """``mae evaluate``'s table, logged to the tracker runs of the run the checkpoint belongs to
+    (its ``tracking.json`` and ``config.yaml``), beside its training curves. Never fails the
+    evaluation: -> the trackers logged to (a failure is one warning line)."""
+    from jobs.core.config import PretrainConfig
+    from pipeline.storage import Store, parse_uri
+    ck = parse_uri(ckpt_uri)
+    run = Store(str(ck.parent()))
+    try:
+        state = json.loads(run.read_if_exists(STATE_FILE) or b"{}")
+        raw = run.read_if_exists("config.yaml")
+        if not raw or not ({"mlflow", "wandb"} & set(state)):
+            return []
+        import yaml
+        track = PretrainConfig.from_dict(yaml.safe_load(raw)).track
+    except Exception:  # noqa: BLE001 - not a run of ours: nothing to log to
+        return []
+    name = ck.path.rstrip("/").rsplit("/", 1)[-1]
+    rows = [{"encoder": k, **{m: v for m, v in r.items() if isinstance(v, (int, float, str)) or v is None}}
+            for k, r in results.items()]
+    done = []
+    if state.get("mlflow") and track.mlflow:
+        try:
+            import time
+
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+            c = MlflowClient(mlflow_uri(track))
+            c.log_dict(state["mlflow"], rows, f"evaluation/{name}.json")
+            step = int(name.rsplit("_", 1)[-1]) if name.rsplit("_", 1)[-1].isdigit() else 0
+            now = int(time.time() * 1000)
+            for r in rows:
+                if r["encoder"] == "trained":  # the scores as metrics at the checkpoint's step
+                    c.log_batch(state["mlflow"], metrics=[Metric(f"eval/{k}", float(v), now, step)
+                                                          for k, v in r.items() if isinstance(v, float)])
+            done.append("mlflow")
+        except Exception as e:  # noqa: BLE001
+            say(f"[mae] warning: could not log the evaluation to mlflow ({type(e).__name__})")
+    if state.get("wandb") and track.wandb:
+        try:
+            import tempfile
+
+            import wandb
+            d = tempfile.mkdtemp(prefix="mae-wandb-")
+            r = wandb.init(project=track.experiment, id=state["wandb"], resume="allow", dir=d,
+                           settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+            cols = sorted({k for row in rows for k in row})
+            r.log({f"evaluation/{name}": wandb.Table(columns=cols, data=[[row.get(c) for c in cols] for row in rows])})
+            offline = r.settings.mode == "offline"
+            r.finish()
+            if offline:  # beside the training run's offline records
+                for root, _, files in os.walk(d):
+                    for fn in files:
+                        path = os.path.join(root, fn)
+                        run.put(path, "wandb/" + os.path.relpath(path, d))
+            import shutil
+            shutil.rmtree(d, ignore_errors=True)
+            done.append("wandb")
+        except Exception as e:  # noqa: BLE001
+            say(f"[mae] warning: could not log the evaluation to wandb ({type(e).__name__})")
+    return done
