@@ -21,7 +21,8 @@ import numpy as np
 
 from jobs.core import weights as ckpt_tools
 from jobs.core.common import UserError, init_ray, one_line_errors, parse_args
-from pipeline.storage import check_visible_to_cluster, parse_uri, read_bytes, write_bytes
+from pipeline.cluster import check_visible_to_cluster
+from pipeline.storage import parse_uri, read_bytes, write_bytes
 
 if TYPE_CHECKING:  # torch and the model are imported where used: checking a command line needs neither
     import torch

@@ -64,7 +64,7 @@ def storage_rows(cfg: PretrainConfig, nodes: list[dict], timeout_s: float = 120.
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.sources import resolve
-    from pipeline.storage import check_visible_to_cluster
+    from pipeline.cluster import check_visible_to_cluster
     from jobs.core.launch import paths_of
     try:
         check_visible_to_cluster(paths_of(cfg), shared_fs=cfg.run.shared_fs, setting="run.shared_fs=true")

@@ -35,7 +35,8 @@ import yaml
 from jobs.core.common import (STABLE_RESOURCE, UserError, cluster_capacity, init_ray, one_line_errors, parse_args,
                                refuse_config_flag)
 from jobs.core.config import PretrainConfig, load, set_field
-from pipeline.storage import check_visible_to_cluster, parse_uri, pyarrow_fs, write_bytes
+from pipeline.cluster import check_visible_to_cluster
+from pipeline.storage import parse_uri, pyarrow_fs, write_bytes
 
 DEFAULT_SPACE = {"model.overrides.mask_ratio": [0.5, 0.75, 0.9], "model.overrides.decoder_depth": [1, 4, 8]}
 OBJECTIVE = "knn_top1"  # the default objective
@@ -220,61 +221,74 @@ def optuna_searcher(objective: str = OBJECTIVE):
     return OptunaSearch(metric=objective, mode=OBJECTIVES[objective], seed=0)
 
 
-def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, search: str = "grid",
-             num_samples: int = 1, grace_images: int | None = None, max_concurrent_trials: int | None = None,
-             restore: bool = True, objective: str = OBJECTIVE):
-    from ray import tune
-
-    mode = check_objective(objective, space)
-
-    fs, root = pyarrow_fs(storage)
-    if parse_uri(storage).scheme == "file":
-        os.makedirs(root, exist_ok=True)
-    tune_dir = str(parse_uri(storage).join(name))
-    search_alg = None
-    if search == "grid":
-        param_space = {k: tune.grid_search(v) for k, v in space.items()}
-    else:
-        param_space = {k: tune.choice(v) for k, v in space.items()}
-    if search == "optuna":  # model-based (TPE): each trial's choice learns from the finished ones
-        search_alg = optuna_searcher(objective)
+def check_search(base: PretrainConfig, space: dict, storage: str, name: str, tune_dir: str) -> None:
+    """Before anything starts: the paths the trials use, the trackers, and (a search tracked in
+    MLflow or W&B) the search's own parent run / group that its trials join."""
     from jobs.core.launch import paths_of
+    from jobs.core.tracking import check_trackers, search_parent
     check_visible_to_cluster({**paths_of(base), "run.storage_path": storage}, shared_fs=base.run.shared_fs,
                              setting="run.shared_fs=true")
-    from jobs.core.tracking import check_trackers, finish_search, search_parent
     check_trackers(base.track)
     if base.track.mlflow or base.track.wandb:  # one search: its trials grouped under it
         from pipeline.storage import Store
         base.track.group = base.track.group or name
         base.track.mlflow_parent = base.track.mlflow_parent or search_parent(base.track, Store(tune_dir), name, space) or ""
+
+
+def make_tuner(base: PretrainConfig, param_space: dict, *, trainable, scheduler, search_alg, name: str, storage: str,
+               tune_dir: str, objective: str, data_cpus: float, num_samples: int, concurrent: int, restore: bool):
+    """The Tuner: the search restored when its experiment exists (finished trials kept), else new."""
+    from ray import tune
+    fs, root = pyarrow_fs(storage)
+    path = f"{root.rstrip('/')}/{name}"
+    if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[tune] resuming {tune_dir}: finished trials are kept", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, storage_filesystem=fs,
+                                  resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space={"base": base.to_dict(), "tune_dir": tune_dir, "objective": objective,
+                     "data_cpus": data_cpus, "params": param_space},
+        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=concurrent, search_alg=search_alg),
+        # A trial whose driver dies (its node reclaimed) is started again and resumes its run
+        # from its latest complete checkpoint (the same run name and storage path)
+        run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=base.run.trial_retries)),
+    )
+
+
+def run_tune(base: PretrainConfig, space: dict, *, name: str, storage: str, search: str = "grid",
+             num_samples: int = 1, grace_images: int | None = None, max_concurrent_trials: int | None = None,
+             restore: bool = True, objective: str = OBJECTIVE):
+    from ray import tune
+
+    from jobs.core.placement import check_placement
+    from jobs.core.tracking import finish_search
+    mode = check_objective(objective, space)
+    if parse_uri(storage).scheme == "file":
+        os.makedirs(pyarrow_fs(storage)[1], exist_ok=True)
+    tune_dir = str(parse_uri(storage).join(name))
+    if search == "grid":
+        param_space = {k: tune.grid_search(v) for k, v in space.items()}
+    else:
+        param_space = {k: tune.choice(v) for k, v in space.items()}
+    # model-based (TPE): each trial's choice learns from the finished ones
+    search_alg = optuna_searcher(objective) if search == "optuna" else None
+    check_search(base, space, storage, name, tune_dir)
     cluster = cluster_capacity()
     fit_at_once = max_concurrent(base, cluster)  # also refuses a trial that cannot fit
-    from jobs.core.placement import check_placement
     check_placement(base, what="one trial")  # per node, as each trial's workers are placed
     mc = min(max_concurrent_trials or fit_at_once, fit_at_once)
     budget = base.train.max_steps * base.train.batch_size * base.scaling.num_workers * base.optim.accum_steps
     scheduler = tune.schedulers.ASHAScheduler(
         time_attr="images_seen", metric=objective, mode=mode, max_t=max(1, budget),
         grace_period=grace_images or max(1, budget // 4), reduction_factor=2)
-    trainable = tune.with_resources(trial, driver_resources(base, cluster))
     data_cpus = data_cpus_per_trial(base, cluster, mc)
-    path = f"{root.rstrip('/')}/{name}"
-    if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
-        print(f"[tune] resuming {tune_dir}: finished trials are kept", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=fs,
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"base": base.to_dict(), "tune_dir": tune_dir, "objective": objective,
-                         "data_cpus": data_cpus, "params": param_space},
-            tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=mc, search_alg=search_alg),
-            # A trial whose driver dies (its node reclaimed) is started again and resumes its run
-            # from its latest complete checkpoint (the same run name and storage path)
-            run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=base.run.trial_retries)),
-        )
+    tuner = make_tuner(base, param_space, trainable=tune.with_resources(trial, driver_resources(base, cluster)),
+                       scheduler=scheduler, search_alg=search_alg, name=name, storage=storage, tune_dir=tune_dir,
+                       objective=objective, data_cpus=data_cpus, num_samples=num_samples, concurrent=mc,
+                       restore=restore)
     need = trial_resources(base)
     print(f"[tune] {tune_dir}: space {space}, {mc} concurrent trials of {need['CPU']:g} CPUs"
           + (f" and {need['GPU']} GPUs" if need["GPU"] else "") + f" (Ray Data: {data_cpus:g} CPUs each), "

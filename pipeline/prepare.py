@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .cluster import check_visible_to_cluster
 from .decode import DEFAULT_MAX_PIXELS, SkipImage, decode, open_image
 from .sources import MANIFEST, imagefolder_classes, label_of, relative_key, split_of
-from .storage import (StorageError, check_visible_to_cluster, fsspec_fs, list_files, parse_uri, storage_errors,
-                      with_retries, write_bytes)
+from .storage import StorageError, fsspec_fs, list_files, parse_uri, storage_errors, with_retries, write_bytes
 
 FORMAT = "mae-shards/1"
 

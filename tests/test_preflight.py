@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 def _cfg(source, storage, *extra):
     return load(None, ["model.preset=mae_vit_micro_patch4", f"data.source={source}", f"run.storage_path={storage}",
-                       "run.name=preflight", "scaling.num_workers=2", *extra])
+                       "run.name=preflight", "scaling.num_workers=2", "train.batch_size=8", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from pipeline.storage import (Store, StorageError, check_visible_to_cluster, exists, fsspec_fs, list_files,
-                              parse_uri, pyarrow_fs, read_bytes, write_bytes)
+from pipeline.cluster import check_visible_to_cluster
+from pipeline.storage import (Store, StorageError, exists, fsspec_fs, list_files, parse_uri, pyarrow_fs, read_bytes,
+                              write_bytes)
 
 
 @pytest.fixture

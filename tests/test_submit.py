@@ -243,7 +243,9 @@ def test_a_command_started_with_ray_address_runs_the_shipped_code_and_env(ray_cl
     listing, job_env = json.loads(r.stdout.strip().splitlines()[-1])
     assert listing == ["jobs", "mae_model", "pipeline", "pyproject.toml"]  # the task runs in the shipped code
     from jobs.core.ship import ENV_ALLOW
-    assert job_env == {k: v for k, v in s3.env().items() if k in ENV_ALLOW}  # storage settings, no keys
+    # the allow-listed settings set here (storage; the tests' WANDB_MODE), no keys
+    assert job_env == {k: os.environ[k] for k in ENV_ALLOW if os.environ.get(k)}
+    assert {k: v for k, v in s3.env().items() if k in ENV_ALLOW}.items() <= job_env.items()
     assert "AWS_SECRET_ACCESS_KEY" not in job_env and "AWS_ACCESS_KEY_ID" not in job_env
 
 

@@ -131,7 +131,7 @@ def cluster_capacity() -> dict:
     scales from zero workers has no CPUs yet, and must not be refused for it)."""
     import ray
 
-    from pipeline.storage import autoscaler_limits
+    from pipeline.cluster import autoscaler_limits
     now = dict(ray.cluster_resources())
     for k, v in (autoscaler_limits() or {}).items():
         now[k] = max(now.get(k, 0.0), float(v))

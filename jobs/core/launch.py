@@ -21,10 +21,10 @@ from jobs.core.common import RunFailed, UserError, failure_line
 from jobs.core.config import PretrainConfig
 from jobs.core.faults import Faults
 from jobs.core.plan import RunPlan
+from pipeline.cluster import check_visible_to_cluster
 from pipeline.dataset import build_dataset
 from pipeline.sources import SourceInfo, resolve
-from pipeline.storage import (Store, check_visible_to_cluster, fsspec_fs, parse_uri, pyarrow_fs, read_bytes,
-                              storage_errors)
+from pipeline.storage import Store, fsspec_fs, parse_uri, pyarrow_fs, read_bytes, storage_errors
 
 
 def cpu_needs(cfg: PretrainConfig) -> tuple[float, float]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from jobs.core.common import UserError
 from jobs.core.config import PretrainConfig
-from pipeline.storage import autoscaler_limits
+from pipeline.cluster import autoscaler_limits
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
