@@ -230,21 +230,27 @@ def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_sha
     def launched_at(t):  # every launch of a trial's run writes its config.yaml
         return fs.info(f"{root}/resumable/trials/{t}/config.yaml")["LastModified"]
     first_launch = launched_at(first[0])
-    # Killed as soon as the first trial's last checkpoint is complete: its end is then usually not
-    # yet in the driver's experiment state (saved every second), and the restarted driver relaunches
-    # it; the relaunched trial finds its run finished and gives Tune the final metrics from the last
-    # checkpoint, without a Train run. Either way, what follows must hold.
-    os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
-    p.wait()
-    log.close()
-    def recorded_finished():  # trials the killed driver's experiment state has as TERMINATED
+    def recorded_finished():  # trials the driver's saved experiment state has as TERMINATED
         n = 0
         for path, _ in list_files(f"{storage}/resumable"):
             if path.rsplit("/", 1)[-1].startswith("experiment_state") and path.endswith(".json"):
                 state = json.loads(read_bytes(f"s3://{path}"))
                 n = max(n, sum(json.loads(t[0]).get("status") == "TERMINATED" for t in state["trial_data"]))
         return n
-    print("the restarted driver relaunches the finished trial:", recorded_finished() == 0)
+    # Killed once the first trial's end is in the driver's saved experiment state, and a few
+    # seconds more: Ray Tune saves its trial list and its searcher's state as separate files, and a
+    # kill between the two uploads left a searcher that had suggested the next trial beside a trial
+    # list without it (the restored search then ended with one trial). (A relaunched trial whose
+    # run is finished reports its last checkpoint's metrics without a Train run: tested with the
+    # exact resume in test_pretrain.py.)
+    deadline = time.time() + 60
+    while time.time() < deadline and not recorded_finished() and p.poll() is None:
+        time.sleep(1.0)
+    time.sleep(3.0)
+    os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
+    p.wait()
+    log.close()
+    assert recorded_finished() == 1
     # Started again with the same arguments, here in this process: `mae tune`'s main() as the CLI
     # runs it. A second interpreter would add only its own start (Ray, Tune, torch and Optuna
     # imported again, a new Ray job whose worker processes all start cold with the staged code),
