@@ -140,13 +140,29 @@ class WandbTracker:
         self.run, self.last_step = None, -1
 
     def start(self, params: dict, resume_id: str | None) -> str:
-        import wandb
         os.makedirs(self.local_dir, exist_ok=True)
+        import tempfile
+        saved, tempfile.tempdir = tempfile.tempdir, self.local_dir
+        try:  # wandb's import makes temp dirs of its own (media, artifacts): in the attempt's
+            # scratch dir, which goes with the attempt (or, killed, with the next one's sweep)
+            import wandb
+            import wandb.sdk.artifacts.artifact  # noqa: F401
+            import wandb.sdk.data_types._private  # noqa: F401
+        finally:
+            tempfile.tempdir = saved
         import secrets
         run_id = resume_id or secrets.token_hex(4)
-        self.run = wandb.init(project=self.track.experiment, name=self.run_name, id=run_id, resume="allow",
-                              group=self.track.group or None, config=params, dir=self.local_dir,
-                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        saved_tmp = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = self.local_dir  # where wandb's service process keeps its files, too
+        try:
+            self.run = wandb.init(project=self.track.experiment, name=self.run_name, id=run_id, resume="allow",
+                                  group=self.track.group or None, config=params, dir=self.local_dir,
+                                  settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        finally:
+            if saved_tmp is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = saved_tmp
         self.last_step = max(-1, int(getattr(self.run, "step", 0) or 0) - 1) if resume_id else -1
         return run_id
 
@@ -171,11 +187,13 @@ class WandbTracker:
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
         if self.store is not None and self.run.settings.mode == "offline":
-            # an offline run (no network on the cluster) goes with the run: `wandb sync` it from a pulled copy
-            for root, _, files in os.walk(self.local_dir):
+            # an offline run (no network on the cluster) goes with the run: `wandb sync` it from a pulled
+            # copy (its run directories only: not the service's own files beside them)
+            for root, _, files in os.walk(os.path.join(self.local_dir, "wandb")):
                 for fn in files:
                     path = os.path.join(root, fn)
-                    self.store.put(path, "wandb/" + os.path.relpath(path, self.local_dir))
+                    if os.path.isfile(path) and not os.path.islink(path):
+                        self.store.put(path, "wandb/" + os.path.relpath(path, self.local_dir))
 
 
 # ---------------------------------------------------------------------------- the fan-out
