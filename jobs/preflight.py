@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 
-from jobs.core.common import UserError, init_ray, one_line_errors, parse_args, refuse_config_flag
+from jobs.core.common import UserError, init_ray, one_line_errors, parse_config_command
 from jobs.core.config import PretrainConfig, load
 from jobs.core.placement import FAIL, OK, WARN, Row, alive_nodes, node_label, placement_rows
 
@@ -217,12 +217,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str], *, strict: bool = False) -> argparse.Namespace:
-    refuse_config_flag("mae preflight", argv)
-    a = parse_args(parser(), argv, strict=strict)
-    if a.config and "=" in a.config:  # only overrides given
-        a.overrides.insert(0, a.config)
-        a.config = None
-    return a
+    return parse_config_command("mae preflight", parser(), argv, strict=strict)
 
 
 def check(argv: list[str]) -> str | None:

@@ -19,7 +19,7 @@ import sys
 import time
 
 from jobs.core import checkpoint as ckpt
-from jobs.core.common import init_ray, one_line_errors, parse_args, refuse_config_flag
+from jobs.core.common import init_ray, one_line_errors, parse_config_command
 from jobs.core.config import describe, load
 from jobs.core.launch import cpu_needs, failure_of, fit
 
@@ -34,12 +34,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str], *, strict: bool = False) -> argparse.Namespace:
-    refuse_config_flag("mae pretrain", argv)
-    a = parse_args(parser(), argv, strict=strict)
-    if a.config and "=" in a.config:  # only overrides given
-        a.overrides.insert(0, a.config)
-        a.config = None
-    return a
+    return parse_config_command("mae pretrain", parser(), argv, strict=strict)
 
 
 def check(argv: list[str]) -> str | None:

@@ -32,8 +32,8 @@ import sys
 
 import yaml
 
-from jobs.core.common import (STABLE_RESOURCE, UserError, cluster_capacity, init_ray, one_line_errors, parse_args,
-                               refuse_config_flag)
+from jobs.core.common import (STABLE_RESOURCE, UserError, cluster_capacity, init_ray, one_line_errors,
+                               parse_config_command)
 from jobs.core.config import PretrainConfig, load, set_field
 from pipeline.cluster import check_visible_to_cluster
 from pipeline.storage import parse_uri, pyarrow_fs, write_bytes
@@ -327,12 +327,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str], *, strict: bool = False) -> argparse.Namespace:
-    refuse_config_flag("mae tune", argv)
-    a = parse_args(parser(), argv, strict=strict)
-    if a.config and "=" in a.config:
-        a.overrides.insert(0, a.config)
-        a.config = None
-    return a
+    return parse_config_command("mae tune", parser(), argv, strict=strict)
 
 
 def checked(a: argparse.Namespace) -> tuple[PretrainConfig, dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .stream import on_this_node
+from .stream import named_actor, release_named_actor
 
 STATS_ACTOR = "mae_pipeline_stats"
 
@@ -54,33 +54,12 @@ def stats_actor(create: bool = True, run_id: str = ""):
     """The named counters actor of this driver (one per run: concurrent Tune trials each own one;
     :func:`release_stats_actor` ends it with its run, and none outlives the process that started
     it). Created on first use."""
-    import ray
-    name = _actor_name(run_id)
-    if create:
-        # The module keeps the handle, so that the actor lives as long as its driver (not only as
-        # long as one dataset's references to it).
-        key = (ray.get_runtime_context().get_job_id(), name)
-        if key not in _STATS:
-            _STATS[key] = _stats_actor_cls().options(name=name, get_if_exists=True,
-                                                     scheduling_strategy=on_this_node()).remote()
-        return _STATS[key]
-    try:
-        return ray.get_actor(name)
-    except ValueError:
-        return None
+    return named_actor(_STATS, _actor_name(run_id), _stats_actor_cls, create)
 
 
 def release_stats_actor(run_id: str = "") -> None:
-    """End the run's counters actor once its run is over. An idle actor still holds a process and
-    about 1% of a core; a driver that runs many fits (a Tune trial driver, a notebook, the tests)
-    would otherwise keep one per run until it exits."""
-    import ray
-    handle = _STATS.pop((ray.get_runtime_context().get_job_id(), _actor_name(run_id)), None)
-    if handle is not None:
-        try:
-            ray.kill(handle)  # decode tasks still finishing record fire-and-forget: nothing waits on it
-        except Exception:  # noqa: BLE001 - Ray already gone: the actor went with it; never mask a run's error
-            pass
+    """End the run's counters actor once its run is over."""
+    release_named_actor(_STATS, _actor_name(run_id))
 
 
 def pipeline_stats(run_id: str = "") -> dict:

@@ -93,6 +93,34 @@ def on_this_node():
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
+def named_actor(owned: dict, name: str, make_cls, create: bool = True):
+    """The run's actor called ``name``, of the class ``make_cls()``: created on first use on this
+    driver's node and kept in ``owned`` (so that it lives as long as its driver, not only as long
+    as one dataset's references to it); ``create=False``: the live one, or None."""
+    import ray
+    if create:
+        key = (ray.get_runtime_context().get_job_id(), name)
+        if key not in owned:
+            owned[key] = make_cls().options(name=name, get_if_exists=True, scheduling_strategy=on_this_node()).remote()
+        return owned[key]
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
+
+
+def release_named_actor(owned: dict, name: str) -> None:
+    """End a run's actor once its run is over (an idle actor still holds a process and ~1% of a
+    core: a driver running many fits would keep one per run)."""
+    import ray
+    handle = owned.pop((ray.get_runtime_context().get_job_id(), name), None)
+    if handle is not None:
+        try:
+            ray.kill(handle)  # tasks still finishing call it fire-and-forget: nothing waits on it
+        except Exception:  # noqa: BLE001 - Ray already gone: the actor went with it; never mask a run's error
+            pass
+
+
 def _position_name(run_id: str) -> str:
     import hashlib
     return f"{POSITION_ACTOR}-{hashlib.sha1(run_id.encode()).hexdigest()[:16]}"
@@ -102,31 +130,12 @@ def position_actor(run_id: str, create: bool = True):
     """The named position actor of run ``run_id`` (one per run, as its counters actor:
     :func:`release_position_actor` ends it with its run, and none outlives the process that
     started it). Created on first use; ``create=False``: the live one, or None."""
-    import ray
-    name = _position_name(run_id)
-    if create:
-        # The module keeps the handle, so that the actor lives as long as its driver (not only as
-        # long as one dataset's references to it).
-        key = (ray.get_runtime_context().get_job_id(), name)
-        if key not in _POSITIONS:
-            _POSITIONS[key] = _position_actor_cls().options(name=name, get_if_exists=True,
-                                                            scheduling_strategy=on_this_node()).remote()
-        return _POSITIONS[key]
-    try:
-        return ray.get_actor(name)
-    except ValueError:
-        return None
+    return named_actor(_POSITIONS, _position_name(run_id), _position_actor_cls, create)
 
 
 def release_position_actor(run_id: str) -> None:
-    """End the run's position actor once its run is over (an idle actor still holds a process)."""
-    import ray
-    handle = _POSITIONS.pop((ray.get_runtime_context().get_job_id(), _position_name(run_id)), None)
-    if handle is not None:
-        try:
-            ray.kill(handle)
-        except Exception:  # noqa: BLE001 - Ray already gone: the actor went with it; never mask a run's error
-            pass
+    """End the run's position actor once its run is over."""
+    release_named_actor(_POSITIONS, _position_name(run_id))
 
 
 def resume_at(position, start: tuple[int, int]) -> tuple[int, int]:

@@ -31,6 +31,18 @@ def parse_args(ap, argv: list[str], *, strict: bool = False):
     return ap.parse_args(argv)
 
 
+def parse_config_command(prog: str, ap, argv: list[str], *, strict: bool = False):
+    """A command that takes ``[CONFIG.yaml] [section.field=value ...]``: ``--config`` refused,
+    parsed (``strict``: see :func:`parse_args`), and a first argument that is an override (no
+    config file given) moved to the overrides."""
+    refuse_config_flag(prog, argv)
+    a = parse_args(ap, argv, strict=strict)
+    if a.config and "=" in a.config:  # only overrides given
+        a.overrides.insert(0, a.config)
+        a.config = None
+    return a
+
+
 def refuse_config_flag(prog: str, argv: list[str]) -> None:
     """``--config FILE`` (an old spelling in the docs): the config file is the first argument."""
     if any(x == "--config" or x.startswith("--config=") for x in argv):

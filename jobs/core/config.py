@@ -15,13 +15,9 @@ from typing import Any
 import yaml
 
 from mae_model.config import PRESETS, ConfigError, MAEConfig, get_preset
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, _f  # _f: a field with its help, as every section has
 
 
-def _f(default, help_: str, **kw):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help_}, **kw)
-    return field(default=default, metadata={"help": help_}, **kw)
 
 
 @dataclass
