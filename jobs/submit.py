@@ -40,6 +40,7 @@ import uuid
 
 from jobs.core.common import UserError, one_line_errors
 from jobs.core.ship import allowed_env, project_root, stage
+from pipeline.private_api import RAY_PACKAGING_LOGGERS
 from pipeline.storage import SECRET_ENV, redact
 
 SUBMITTABLE = ("pretrain", "tune", "evaluate", "prepare", "preflight")
@@ -75,8 +76,7 @@ def job_server(address: str | None) -> str:
     return address if "://" in address else f"http://{address}"
 
 
-_CHATTY = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-           "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir")
+_CHATTY = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", *RAY_PACKAGING_LOGGERS)
 
 
 def client(address: str | None, *, verbose: bool = False):

@@ -38,8 +38,5 @@ def check_visible_to_cluster(paths: dict[str, str], *, shared_fs: bool, setting:
 
 def autoscaler_limits() -> dict | None:
     """The most of each resource the cluster's autoscaler may bring up (None: a fixed cluster)."""
-    try:
-        from ray._private.state import state  # what Ray Data's own limits read; no public API yet
-        return state.get_max_resources_from_cluster_config() or None
-    except Exception:  # noqa: BLE001 - an older/newer Ray without it: treat as fixed
-        return None
+    from .private_api import autoscaler_max_resources  # what Ray Data's own limits read; no public API yet
+    return autoscaler_max_resources()

@@ -6,6 +6,9 @@ on 2 cores) only to tell the workers to connect.
 :class:`ProcessGroupConfig` drives the same steps as Ray's torch backend, in the same order, from
 a module without torch: the steps themselves are Ray's own functions, imported and run on the
 workers, where torch is loaded anyway. Used with ``ray.train.v2``'s ``DataParallelTrainer``.
+
+Those steps are private to Ray: :mod:`pipeline.private_api` holds them, each with a test in
+``tests/test_private_api.py``; what the controller saves is measured by ``bench/controller_torch.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 from dataclasses import dataclass
 
 from ray.train.backend import Backend, BackendConfig
+
+from pipeline import private_api
 
 
 @dataclass
@@ -37,8 +42,7 @@ class ProcessGroupConfig(BackendConfig):
 
     @property
     def framework(self):
-        from ray.train.v2._internal.util import TrainingFramework
-        return TrainingFramework.TORCH
+        return private_api.torch_framework()
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
@@ -48,8 +52,7 @@ class ProcessGroupConfig(BackendConfig):
 @contextlib.contextmanager
 def _cuda_device():
     """Around the training function on each worker: Ray's own (sets the worker's CUDA device)."""
-    from ray.train.torch.config import TorchConfigContextManager
-    with TorchConfigContextManager():
+    with private_api.torch_worker_context():
         yield
 
 
@@ -59,18 +62,15 @@ def _set_master(addr: str, port: int) -> None:
 
 
 def _set_dist_env() -> None:
-    from ray.train.torch.config import _set_torch_distributed_env_vars
-    _set_torch_distributed_env_vars()  # RANK, LOCAL_RANK, WORLD_SIZE, ... from the train context
+    private_api.set_torch_dist_env()  # RANK, LOCAL_RANK, WORLD_SIZE, ... from the train context
 
 
 def _init_process_group(**kwargs) -> None:
-    from ray.train.torch.config import _setup_torch_process_group
-    _setup_torch_process_group(**kwargs)  # NCCL async error handling included
+    private_api.setup_torch_process_group(**kwargs)  # NCCL async error handling included
 
 
 def _shutdown(destroy_process_group: bool) -> None:
-    from ray.train.torch.config import _shutdown_torch
-    _shutdown_torch(destroy_process_group=destroy_process_group)
+    private_api.shutdown_torch(destroy_process_group=destroy_process_group)
 
 
 # ---------------------------------------------------------------- run on the controller (no torch)
@@ -81,8 +81,7 @@ class _ProcessGroupBackend(Backend):
         """Ray's ``_TorchBackend.on_start`` for ``init_method="env"``: rank 0's address and a
         free port as the rendezvous, the torchrun variables, then every rank joins."""
         import ray
-        from ray.train._internal.utils import get_address_and_port
-        addr, port = worker_group.execute_single(0, get_address_and_port)
+        addr, port = worker_group.execute_single(0, private_api.address_and_port)
         worker_group.execute(_set_master, addr=addr, port=port)
         worker_group.execute(_set_dist_env)
         n = len(worker_group)
@@ -93,12 +92,7 @@ class _ProcessGroupBackend(Backend):
     def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig):
         import ray
         from ray.exceptions import GetTimeoutError
-        from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S as default
-        from ray.train.constants import TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S as var
-        try:
-            timeout = float(os.environ.get(var, default))
-        except ValueError:  # as Ray's env_integer: a malformed value falls back to the default
-            timeout = float(default)
+        timeout = private_api.torch_shutdown_timeout_s()
         futures = worker_group.execute_async(_shutdown, destroy_process_group=len(worker_group) > 1)
         try:
             ray.get(futures, timeout=timeout)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from jobs.core import checkpoint as ckpt
 from jobs.core.common import say
 from jobs.core.faults import Faults, kill_victim
+from pipeline.private_api import ray_would_retry_upload
 from pipeline.storage import Store
 
 
@@ -140,7 +141,7 @@ class Checkpointer:
         except BaseException as e:
             if not done.done():
                 done.set_exception(e)
-            if "AWS Error" in str(e):  # Ray's retry matches these: it must never run this twice
+            if ray_would_retry_upload(str(e)):  # Ray's retry matches these: it must never run this twice
                 raise RuntimeError(f"checkpoint {dir_name}: rank {self.rank}'s upload failed ({type(e).__name__})") from e
             raise
         if not done.done():

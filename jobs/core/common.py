@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 
+from pipeline import private_api
 from pipeline.storage import StorageError, redact
 
 
@@ -106,18 +107,16 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kw):
         # workers listen on 127.0.0.1 only (else on every interface of the machine).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-            import ray._private.ray_constants as ray_constants  # read at import; ray may be imported already
-            ray_constants.ENABLE_RAY_CLUSTER = False
+            private_api.local_ray_loopback()  # the variable is read at import; ray may be imported already
         try:  # the container's share (cgroup quota, affinity), not the host's cores
-            from ray._private.utils import get_num_cpus
-            have = get_num_cpus()
+            have = private_api.container_cpus()
         except Exception:  # noqa: BLE001
             have = os.cpu_count() or 1
         cpus = max(int(have), math.ceil(num_cpus or 0))
         # address="local": a new Ray of this job's own, never a silent connection to some other
         # Ray found running on the machine (RAY_ADDRESS=auto asks for that one)
-        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", **{"resources": {STABLE_RESOURCE: 1000}, **kw})
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 **private_api.local_init_kwargs("127.0.0.1"), **{"resources": {STABLE_RESOURCE: 1000}, **kw})
     return ray
 
 

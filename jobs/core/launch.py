@@ -306,13 +306,15 @@ def finished_result(run: Store, latest: dict, state: dict, plan: RunPlan, verbos
     checkpoint: no worker group is started for it (on a cluster, that is every GPU of the run held
     for minutes to report one line). The metrics are those its last checkpoint saved."""
     import ray.train
+
+    from pipeline.private_api import train_result
     metrics = {**(state.get("metrics") or {}), "step": state["step"]}
     if verbose:
         print(f"[mae] run {run}: already reached step {state['step']} of {plan.total_steps} "
               f"({latest['uri']}); nothing to train", flush=True)
     fs, root = pyarrow_fs(latest["uri"])
-    return ray.train.Result(metrics=metrics, checkpoint=ray.train.Checkpoint(root, filesystem=fs), error=None,
-                            path=str(run), _storage_filesystem=fs)
+    return train_result(metrics=metrics, checkpoint=ray.train.Checkpoint(root, filesystem=fs), path=str(run),
+                        filesystem=fs)
 
 
 def failure_of(cfg: PretrainConfig) -> str | None:

@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # torch's own, not re-exported
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from jobs.core.common import UserError
+from pipeline import private_api
+
+FsspecReader = private_api.dcp_fsspec_reader()  # torch's own, not re-exported
 
 _FIX = "restore the checkpoint from a trusted copy (or delete it), then retry"
 
@@ -43,10 +45,9 @@ _FIX = "restore the checkpoint from a trusted copy (or delete it), then retry"
 METADATA_GLOBALS = frozenset(
     {("torch.distributed.checkpoint.metadata", n) for n in (
         "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")}
-    | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # storage_data: file, offset, length
-       ("torch", "Size"),                                              # shapes, chunk offsets
-       ("torch.serialization", "_get_layout"),                         # torch.strided (a table lookup)
+        "ChunkStorageMetadata", "TensorProperties")}
+    | private_api.DCP_PRIVATE_PICKLE_GLOBALS                           # torch's private names (checked there)
+    | {("torch", "Size"),                                              # shapes, chunk offsets
        ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")}     # storage_meta.checkpoint_id
     | {("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
 )
@@ -110,7 +111,7 @@ class _SafeMetadata:
         rank = kwargs.get("rank")
         md = self._metadata if rank is None else None
         if md is None:
-            with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+            with self.fs.create_stream(private_api.dcp_metadata_path(self, rank), "rb") as f:
                 md = unpickle_metadata(f, self.where)
             if rank is None:
                 self._metadata = md
@@ -145,7 +146,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         self.where = where
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        from torch.distributed.checkpoint._traverse import set_element
         fqn = read_item.dest_index.fqn
         try:
             obj = torch.load(value, weights_only=True)
@@ -155,7 +155,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             raise CheckpointRefused(f"checkpoint {self.where}: its entry {fqn} holds {what}, which a checkpoint "
                                     f"never holds: refusing to load it (it could run code); {_FIX}") from None
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
+            private_api.dcp_set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
 

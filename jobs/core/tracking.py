@@ -146,8 +146,9 @@ class WandbTracker:
         try:  # wandb's import makes temp dirs of its own (media, artifacts): in the attempt's
             # scratch dir, which goes with the attempt (or, killed, with the next one's sweep)
             import wandb
-            import wandb.sdk.artifacts.artifact  # noqa: F401
-            import wandb.sdk.data_types._private  # noqa: F401
+
+            from pipeline.private_api import import_wandb_media_tempdirs
+            import_wandb_media_tempdirs()
         finally:
             tempfile.tempdir = saved
         import secrets
