@@ -108,6 +108,37 @@ def test_probe_images_cost_bytes_in_proportion_and_are_class_balanced(tune_shard
     assert read < 0.6 * sum(files), (read, sum(files))
 
 
+def test_the_plan_carries_probe_and_picture_images_by_reference(tune_shards, ray_cluster):
+    """The k-NN probe's images (~115 MB on ImageNet) and the picture's are put in Ray's object store
+    once by the driver; the plan every worker gets in train_loop_config holds their ObjectRefs and
+    no arrays."""
+    import dataclasses
+    import pickle
+
+    import numpy as np
+    import ray
+
+    from jobs.core.launch import make_plan
+    from jobs.core.plan import images
+    from pipeline.sources import resolve
+    cfg = tiny_config(tune_shards, None, None, *TRIAL, "train.knn_eval=true", "train.vis_images=2")
+    plan = make_plan(cfg, resolve(cfg.data.source, "train", 0.0, 0), 0.0)
+    assert isinstance(plan.probe, ray.ObjectRef) and isinstance(plan.vis, ray.ObjectRef)
+
+    def arrays(x) -> bool:
+        if isinstance(x, np.ndarray):
+            return True
+        if isinstance(x, dict):
+            return any(arrays(v) for v in x.values())
+        return isinstance(x, (list, tuple)) and any(arrays(v) for v in x)
+    assert not [f.name for f in dataclasses.fields(plan) if arrays(getattr(plan, f.name))]
+    probe, vis = images(plan.probe), images(plan.vis)  # what a worker gets
+    assert probe["train"].shape[0] == 128 and probe["val"].shape[0] == 48 and probe["train"].dtype == np.uint8
+    assert probe["train"].flags.writeable and vis["patches"].shape[0] == 2 and vis["noise"].dtype == np.float32
+    shipped = len(pickle.dumps({"cfg": cfg.to_dict(), "plan": plan}))  # the Train run's train_loop_config
+    assert shipped < sum(v.nbytes for v in probe.values()) / 4, shipped
+
+
 # ASHA's rung cutoff is numpy's nanpercentile: when the absurd trial's NaN reaches the rung first,
 # the sane trial's cutoff is taken over NaN alone (no cut: what the test expects), and numpy warns
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")

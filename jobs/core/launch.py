@@ -20,7 +20,7 @@ from jobs.core import checkpoint as ckpt
 from jobs.core.common import RunFailed, UserError, failure_line
 from jobs.core.config import PretrainConfig
 from jobs.core.faults import Faults
-from jobs.core.plan import RunPlan
+from jobs.core.plan import RunPlan, by_reference
 from pipeline.cluster import check_visible_to_cluster
 from pipeline.dataset import build_dataset
 from pipeline.sources import SourceInfo, resolve
@@ -182,8 +182,8 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: d
     return RunPlan(run_dir=run_dir_of(cfg), global_batch=global_batch, accum_steps=accum,
                    steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup, peak_lr=peak,
                    precision=precision, flops_per_image=mcfg.train_flops_per_image(), rows=rows,
-                   t_launch=t_launch, config_yaml=cfg.to_yaml(), finished=finished, vis=vis,
-                   probe=None if finished else probe_data(cfg), faults=Faults.from_env())
+                   t_launch=t_launch, config_yaml=cfg.to_yaml(), finished=finished, vis=by_reference(vis),
+                   probe=None if finished else by_reference(probe_data(cfg)), faults=Faults.from_env())
 
 
 def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None,

@@ -3,14 +3,17 @@
 Made by :func:`jobs.core.launch.make_plan` from the config, the data source and the run's last
 complete checkpoint; completed with the data stream once the dataset is built. Frozen: a worker
 reads it, never changes it. Torch-free (the driver that makes it may never import torch).
+
+Images (the reconstruction picture's, the k-NN probe's: ~115 MB on ImageNet) are not in the plan:
+the driver puts each set in Ray's object store once and the plan carries its ``ObjectRef``, which
+every worker resolves with :func:`images` (one copy per node, not one pickled into every worker's
+``train_loop_config``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any
-
-import numpy as np
 
 from jobs.core.faults import Faults
 from pipeline.stream import Stream
@@ -31,11 +34,30 @@ class RunPlan:
     t_launch: float              # wall time the command started (launch-to-first-log)
     config_yaml: str             # the resolved config, saved in every checkpoint
     finished: bool               # the run already reached its last step: nothing to train
-    vis: dict[str, np.ndarray] | None = None    # {"patches": uint8 [N, L, D], "noise": float32 [N, L]}
-    probe: dict[str, np.ndarray] | None = None  # k-NN probe: {"train", "train_y", "val", "val_y"}
+    vis: Any = None     # ObjectRef of {"patches": uint8 [N, L, D], "noise": float32 [N, L]}, or None
+    probe: Any = None   # ObjectRef of the k-NN probe {"train", "train_y", "val", "val_y"}, or None
     stream: Stream | None = None                # the run's data order (set once the dataset is built)
     position: Any = None                        # the stream's resume-position actor (pipeline.stream)
     faults: Faults | None = None                # test-only fault injection (jobs.core.faults)
 
     def with_stream(self, stream: Stream, position) -> "RunPlan":
         return replace(self, stream=stream, position=position)
+
+
+def by_reference(images: dict | None):
+    """On the driver: ``images`` (a dict of arrays) into Ray's object store, once -> its ObjectRef
+    (None stays None). The driver owns it for the run's life: restarted worker groups get it too."""
+    if images is None:
+        return None
+    import ray
+    return ray.put(images)
+
+
+def images(ref) -> dict | None:
+    """On a worker: the images of :func:`by_reference` (None stays None). The arrays are copies,
+    writable (the object store's are read-only views)."""
+    if ref is None:
+        return None
+    import ray
+    import numpy as np
+    return {k: np.array(v) for k, v in ray.get(ref).items()}

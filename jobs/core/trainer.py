@@ -30,7 +30,7 @@ from jobs.core.common import attempt_scratch, say, sweep_scratch
 from jobs.core.config import PretrainConfig
 from jobs.core.metrics import MetricsLogger, StepWindow
 from jobs.core.optim import build_optimizer, guarded_step, lr_at
-from jobs.core.plan import RunPlan
+from jobs.core.plan import RunPlan, images
 from jobs.core.probe import knn_top1, sharded_features
 from jobs.core.schedule import Cadence
 from jobs.core.tracking import Tracking
@@ -97,7 +97,10 @@ class Trainer:
         self.window = StepWindow(self.device, world=self.world, global_batch=self.global_batch,
                                  flops_per_image=plan.flops_per_image, precision=self.precision,
                                  gpu_decode=cfg.data.decode == "gpu")
-        self.probe = {k: torch.from_numpy(np.asarray(v)) for k, v in plan.probe.items()} if plan.probe else None
+        # the probe's and the picture's images, from the object store (put there once by the driver)
+        probe = images(plan.probe)
+        self.probe = {k: torch.from_numpy(v) for k, v in probe.items()} if probe else None
+        self.vis = images(plan.vis)
         self.first_log_done = False
         self.last_report = time.monotonic()
         # Ray Train's preemption notices (a node of the run is being drained for a spot reclaim):
@@ -273,11 +276,11 @@ class Trainer:
             self.tracking.reference("checkpoint_latest", self.run.uri_of(ckpt_name(self.step)))
 
     def picture(self) -> None:
-        vis = self.plan.vis
+        vis = self.vis
         if not vis:
             return
-        patches = torch.from_numpy(np.asarray(vis["patches"], dtype=np.uint8)).to(self.device)
-        noise = torch.from_numpy(np.asarray(vis["noise"], dtype=np.float32)).to(self.device)
+        patches = torch.from_numpy(vis["patches"].astype(np.uint8, copy=False)).to(self.device)
+        noise = torch.from_numpy(vis["noise"].astype(np.float32, copy=False)).to(self.device)
         self.model.eval()
         img = reconstruction_grid(self.model if self.strategy != "ddp" else self.core, patches, noise)
         self.model.train()
