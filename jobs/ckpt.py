@@ -41,7 +41,7 @@ def _fmt_row(r: dict, metric_names: list[str]) -> list[str]:
     when = dt.datetime.fromtimestamp(r["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if r["time"] else "-"
     size = f"{r['bytes'] / 2**20:.1f} MiB" if r["bytes"] else "-"
     ms = [_num(r["metrics"].get(m)) for m in metric_names]
-    return [r["name"], str(r["step"]), r["state"], when, size, *ms]
+    return [r["name"], str(r["step"]), r["state"] + (" (best)" if r.get("best") else ""), when, size, *ms]
 
 
 def cmd_list(a) -> int:
@@ -52,7 +52,8 @@ def cmd_list(a) -> int:
     if not rows:
         print(f"no checkpoints under {a.run}")
         return 0
-    names = [m for m in ("loss", "knn_top1", "lr", "images_seen") if any(m in r["metrics"] for r in rows)]
+    names = [m for m in ("loss", "knn_top1", "val/top1", "val/top5", "lr", "images_seen")
+             if any(m in r["metrics"] for r in rows)]
     table = [["checkpoint", "step", "state", "time (UTC)", "size", *names]]
     table += [_fmt_row(r, names) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -91,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--latest", action="store_true", help="the newest complete checkpoint (default)")
     g.add_argument("--best", action="store_true", help="the best by --metric among complete checkpoints")
     p.add_argument("--metric", default=None, help="metric for --best (default: the run's train.best_metric)")
-    p.add_argument("--mode", choices=("min", "max"), default="min", help="lower (min) or higher (max) is better")
+    p.add_argument("--mode", choices=("min", "max"), default=None,
+                   help="lower (min) or higher (max) is better (default: the run's train.best_mode)")
     p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_pull)

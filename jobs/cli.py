@@ -8,7 +8,8 @@ import sys
 COMMANDS = {
     "prepare": ("jobs.prepare", "shard a folder/bucket of images into Parquet + manifest"),
     "pretrain": ("jobs.pretrain", "distributed MAE pretraining (Ray Train + FSDP2)"),
-    "evaluate": ("jobs.evaluate", "frozen-encoder k-NN and linear probe of a checkpoint"),
+    "finetune": ("jobs.finetune", "fine-tune a pretrained encoder as a classifier (the paper's recipe), or --linprobe"),
+    "evaluate": ("jobs.evaluate", "k-NN and linear probes of a checkpoint; --finetuned: top-1/top-5 of a classifier"),
     "tune": ("jobs.tune", "search mask ratio / decoder depth; each trial a distributed run"),
     "preflight": ("jobs.preflight", "check the cluster a run would use: nodes, storage from every node, auth, all-reduce"),
     "submit": ("jobs.submit", "submit any of the above as a Ray job to a cluster; --follow streams its logs"),

@@ -1,4 +1,4 @@
-"""mae submit [--address URL] [--follow] -- pretrain|tune|evaluate|prepare|preflight ARGS...
+"""mae submit [--address URL] [--follow] -- pretrain|finetune|tune|evaluate|prepare|preflight ARGS...
 
 Runs one of the project's commands as a Ray job on a cluster (Ray Job Submission): this checkout
 goes along as the job's ``working_dir`` (an allowlist: pipeline/, mae_model/, jobs/, pyproject.toml;
@@ -43,7 +43,7 @@ from jobs.core.ship import allowed_env, project_root, stage
 from pipeline.private_api import RAY_PACKAGING_LOGGERS
 from pipeline.storage import SECRET_ENV, redact
 
-SUBMITTABLE = ("pretrain", "tune", "evaluate", "prepare", "preflight")
+SUBMITTABLE = ("pretrain", "finetune", "tune", "evaluate", "prepare", "preflight")
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 _SECRETISH = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.I)
 
@@ -125,11 +125,15 @@ class cluster_errors:
 # ---------------------------------------------------------------------------- what is sent
 def trackers_of(cmd: str, args: list[str]) -> tuple[str, ...]:
     """The experiment trackers the submitted command's config turns on (their credentials go along)."""
-    if cmd not in ("pretrain", "tune"):
+    if cmd not in ("pretrain", "tune", "finetune"):
         return ()
     from jobs.core.config import load
     a = importlib.import_module(f"jobs.{cmd}").parse(args, strict=True)
-    track = load(a.config, a.overrides).track
+    if cmd == "finetune":
+        from jobs.finetune import config_of
+        track = config_of(a, "", []).track
+    else:
+        track = load(a.config, a.overrides).track
     return tuple(t for t in ("mlflow", "wandb") if getattr(track, t))
 
 
@@ -261,7 +265,7 @@ def follow(c, sid: str, addr: str) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mae submit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 usage="mae submit [OPTIONS] -- {pretrain,tune,evaluate,prepare,preflight} ARGS...")
+                                 usage="mae submit [OPTIONS] -- {pretrain,finetune,tune,evaluate,prepare,preflight} ARGS...")
     ap.add_argument("--address", default=None, help="job server, http://HEAD:8265 (default: RAY_ADDRESS)")
     ap.add_argument("--follow", "-f", action="store_true", help="stream the logs; exit with the job's status")
     ap.add_argument("--env", action="append", default=[], metavar="NAME",

@@ -56,17 +56,22 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (timm 0.3.2 ``Block`` as used by the official code)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        # stochastic depth (fine-tuning): timm's DropPath, as the official models_vit.py blocks
+        self.drop_path = nn.Identity()
+        if drop_path > 0:
+            from timm.layers import DropPath
+            self.drop_path = DropPath(drop_path)
         self.activation_checkpointing = False
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():

@@ -34,7 +34,7 @@ def parallelize(model: MaskedAutoencoder, mesh: DeviceMesh | None = None, *,
     kw = {"mesh": mesh}
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
-    blocks = [*model.blocks, *model.decoder_blocks]
+    blocks = [*model.blocks, *getattr(model, "decoder_blocks", [])]
     for i, blk in enumerate(blocks):
         # The last block's params are needed again at once by backward: keep them unsharded.
         fully_shard(blk, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
@@ -48,7 +48,7 @@ def compile_blocks(model: MaskedAutoencoder, backend: str = "inductor") -> Maske
     """``torch.compile`` each transformer block (encoder and decoder), in place, before sharding
     (torchtitan's order: FSDP2's hooks stay outside the compiled regions). Identical blocks share
     one compiled graph. Masking, gathers and the loss stay eager."""
-    for blk in [*model.blocks, *model.decoder_blocks]:
+    for blk in [*model.blocks, *getattr(model, "decoder_blocks", [])]:
         blk.compile(backend=backend)
     return model
 
@@ -114,3 +114,13 @@ def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
     elif isinstance(model, DistributedDataParallel):
         model.require_backward_grad_sync = enabled  # what DDP.no_sync() toggles
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy an unsharded tensor into ``param``, an FSDP2-sharded parameter (a DTensor: each rank
+    keeps its shard of ``full``) or a plain one."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(full)

@@ -28,6 +28,8 @@ class DataConfig:
                              "else resize + center crop")
     crop_scale: list = _f([0.2, 1.0], "RandomResizedCrop area range [lo, hi] (MAE: 0.2-1.0)")
     hflip: float = _f(0.5, "probability of a horizontal flip (0 where left/right matters)")
+    auto_augment: str = _f("", "train: timm augmentation policy after crop and flip, e.g. rand-m9-mstd0.5-inc1 "
+                               "(RandAugment, fine-tuning's); '' for none (pretraining)")
     seed: int = _f(0, "seed of file order, local shuffle and augmentations")
     shuffle: bool = _f(True, "reshuffle the file order each epoch + a local shuffle buffer")
     shuffle_buffer: int = _f(1024, "rows in the trainer-side local shuffle buffer")
@@ -69,6 +71,14 @@ class DataConfig:
             raise ValueError(f"data.decode={self.decode!r}: cpu (decode tasks) or gpu (the training worker's device)")
         if self.output_block_rows < 1:
             raise ValueError(f"data.output_block_rows={self.output_block_rows}: must be >= 1")
+        if self.auto_augment and not self.auto_augment.startswith(("rand", "augmix", "v0", "original")):
+            raise ValueError(f"data.auto_augment={self.auto_augment!r}: a timm policy string, e.g. "
+                             "rand-m9-mstd0.5-inc1, or '' for none")
+        if self.auto_augment and self.decode == "gpu":
+            raise ValueError("data.auto_augment needs data.decode=cpu (the policy runs in the decode tasks)")
+        # eval crop as the official fine-tuning code: 224/256 of the resized image up to 224 px, whole beyond
+        crop_pct = 0.875 if self.img_size <= 224 else 1.0
         return TransformConfig(img_size=self.img_size, patch_size=self.patch_size, train=self.augment,
                                reduced_decode=self.reduced_decode, max_pixels=self.max_pixels,
-                               scale=(lo, hi), hflip=float(self.hflip))
+                               scale=(lo, hi), hflip=float(self.hflip), crop_pct=crop_pct,
+                               auto_augment=self.auto_augment if self.augment else "")

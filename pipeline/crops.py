@@ -29,6 +29,7 @@ class TransformConfig:
     # pixel (a DCT downscale to >= the output size is close to a full decode + resize).
     reduced_decode: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    auto_augment: str = ""  # train: a timm policy applied after crop and flip, e.g. rand-m9-mstd0.5-inc1
 
 
 def random_resized_crop_params(width: int, height: int, rng: np.random.Generator,

@@ -9,6 +9,7 @@ antialiased bicubic kernel (PIL's filter, ~3x faster than PIL here; torchvision'
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -20,6 +21,8 @@ from PIL import Image
 from .crops import TransformConfig, center_crop_box, random_resized_crop_params  # noqa: F401 (re-exported)
 from .decode import SkipImage, decode, displayed_size, open_image
 from .patchify import patchify
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the fill of timm's geometric ops (mae_model's normalization)
 
 # The crop is read, never written: torch's warning about the read-only numpy view is noise.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -60,6 +63,34 @@ def resize_crop_chw(img: Image.Image, box, out: int) -> torch.Tensor:
     return x[0]
 
 
+@functools.lru_cache(maxsize=4)
+def auto_augment_transform(policy: str, img_size: int):
+    """timm's augmentation policy built exactly as timm's ``create_transform(is_training=True,
+    auto_augment=policy, interpolation="bicubic")`` builds it (the official fine-tuning recipe):
+    translations of 0.45 x the image side, the ImageNet mean as fill, bicubic."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform as aa, rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+    params = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN),
+                  interpolation=str_to_pil_interp("bicubic"))
+    if policy.startswith("rand"):
+        return rand_augment_transform(policy, params)
+    if policy.startswith("augmix"):
+        return augment_and_mix_transform(policy, dict(params, translate_pct=0.3))
+    return aa(policy, params)
+
+
+def apply_auto_augment(a: torch.Tensor, policy: str, rng: np.random.Generator) -> torch.Tensor:
+    """uint8 (3, S, S) -> the policy applied (a PIL round trip), seeded from the row's generator:
+    timm draws from Python's and numpy's global generators, seeded here per image, so a resumed run
+    sees the same augmentations."""
+    import random
+    random.seed(int(rng.integers(2**63)))
+    np.random.seed(int(rng.integers(2**32)))
+    img = Image.fromarray(a.permute(1, 2, 0).contiguous().numpy())
+    out = np.asarray(auto_augment_transform(policy, a.shape[-1])(img).convert("RGB"))
+    return torch.from_numpy(out.copy()).permute(2, 0, 1)
+
+
 def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator,
                     out: np.ndarray | None = None) -> np.ndarray:
     """Encoded image -> uint8 patches (L, p*p*3), written into ``out`` when given (a contiguous
@@ -76,6 +107,8 @@ def transform_image(data: bytes, cfg: TransformConfig, rng: np.random.Generator,
     a = _box_decode(data, box, S, cfg)  # uint8 tensor (3, S, S)
     if cfg.train and rng.random() < cfg.hflip:
         a = a.flip(-1)
+    if cfg.auto_augment:
+        a = apply_auto_augment(a, cfg.auto_augment, rng)
     if tuple(a.shape) != (3, S, S):
         raise SkipImage("corrupt", f"unexpected decoded shape {a.shape}")
     if out is None:

@@ -90,16 +90,22 @@ DIGITS = ["data.crop_scale=[0.8,1.0]", "data.hflip=0", "train.batch_size=32", "t
           "optim.clip_grad=1.0", "scaling.num_workers=1", "data.decode_concurrency=1"]
 
 
-def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_shards, bucket, tmp_path):
+@pytest.fixture(scope="module")
+def digits_run(digits_shards, bucket):
+    """`mae pretrain` on the digits' train split, once for the module: the run directory."""
+    from jobs.core.launch import fit, run_dir_of
+    cfg = tiny_config(digits_shards, f"s3://{bucket}/runs", "eval-digits", *DIGITS, short_run=False)
+    assert fit(cfg)[0].error is None
+    return run_dir_of(cfg)
+
+
+def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_run, digits_shards, bucket, tmp_path):
     """End to end on real scans: `mae pretrain` on the digits' train split, then `mae evaluate` the
     checkpoint from object storage (features extracted in parallel on the cluster, both probes on
     both features, JSON beside the checkpoint) against the same encoder at random initialization."""
     from jobs.evaluate import evaluate, main
-    from jobs.core.launch import fit, run_dir_of
     from pipeline.storage import read_bytes
-    cfg = tiny_config(digits_shards, f"s3://{bucket}/runs", "eval-digits", *DIGITS, short_run=False)
-    assert fit(cfg)[0].error is None
-    run = run_dir_of(cfg)
+    run = digits_run
     trained = evaluate(run, digits_shards, workers=2, baseline=True)  # both encoders, one feature pass
     rand = trained.pop("baseline")
     print("trained:", trained, "\nrandom:", rand)
@@ -120,3 +126,53 @@ def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_sha
     with pytest.raises(SystemExit) as e:
         main([f"s3://{bucket}/runs/nothing-here", digits_shards])
     assert e.value.code == 2
+
+
+# Fine-tuning at toy scale (bench/RESULTS.md "Fine-tuning on real images"): the official recipe's
+# optimizer and regularizers (layer decay 0.65, AdamW (0.9, 0.999), wd 0.05, drop path 0.1, label
+# smoothing 0.1, warmup + cosine) for 210 steps; crops keeping >= 80% of the digit and no flips (as
+# the pretraining above); RandAugment, mixup / cutmix and random erasing off: with all of them on,
+# 210 steps leave both encoders near chance (15.7% from MAE, 8.2% from random init, measured).
+FINETUNE = ["data.crop_scale=[0.8,1.0]", "data.hflip=0", "data.auto_augment=", "finetune.mixup=0",
+            "finetune.cutmix=0", "finetune.reprob=0", "optim.lr=5e-3", "optim.warmup_epochs=1", "train.epochs=10",
+            "finetune.eval_every_epochs=5", "train.batch_size=32", "train.log_every=50", "scaling.num_workers=2",
+            "scaling.strategy=fsdp", "data.decode_concurrency=1"]
+
+
+def test_finetuning_from_mae_beats_random_init_on_real_digits(digits_run, digits_shards, bucket, monkeypatch, capsys):
+    """The paper's central claim at toy scale: `mae finetune` from the MAE checkpoint beats the same
+    ViT fine-tuned from random initialization with the same recipe, steps and seed (FSDP over 2
+    workers). The MAE run loses a worker mid-save and resumes; `mae evaluate --finetuned` of its best
+    checkpoint scores the validation images exactly as the in-training evaluation did."""
+    import argparse
+
+    from jobs.core.faults import ENV
+    from jobs.evaluate import main as evaluate_main
+    from jobs.finetune import run as finetune
+    from pipeline.storage import read_bytes
+
+    def job(pretrained, name):
+        return finetune(argparse.Namespace(pretrained=pretrained, data=digits_shards, val=None, linprobe=False,
+                                           config=None, overrides=[*FINETUNE, f"run.storage_path=s3://{bucket}/ft",
+                                                                   f"run.name={name}", "run.max_failures=1"]))
+    # rank 1 SIGKILLed while uploading the last checkpoint (step 210): the run resumes from step 105's
+    monkeypatch.setenv(ENV, json.dumps({"crash_at_step": 210, "crash_in_upload": True}))
+    mae = job(digits_run, "ft-mae")
+    monkeypatch.delenv(ENV)
+    rand = job("none", "ft-rand")
+    print("from MAE:", mae, "\nfrom random init:", rand)
+    for r in (mae, rand):
+        assert r["steps"] == 210 and r["evaluations"] == 2 and r["val_images"] == 415  # every val image once
+        assert json.loads(read_bytes(f"{r['run']}/results.json"))["best_top1"] == r["best_top1"]
+    # Measured: 74.7% vs 35.2% top-1 (DDP, no crash); the margin asserted leaves room for noise
+    assert mae["final_top1"] >= rand["final_top1"] + 20, (mae, rand)
+    assert read_bytes(f"{mae['run']}/crash_injected")  # the fault did strike, and the run finished
+    index = json.loads(read_bytes(f"{mae['run']}/checkpoints.json"))
+    best = [e for e in index if e.get("best")]
+    assert len(best) == 1 and best[0]["metrics"]["val/top1"] == mae["best_top1"]
+    assert mae["best_checkpoint"].endswith(best[0]["name"])
+    # the fine-tuned classifier, scored apart from training (actors on the cluster): the same numbers
+    capsys.readouterr()
+    assert evaluate_main(["--finetuned", mae["run"], digits_shards, "--workers", "1"]) == 0
+    line = capsys.readouterr().out
+    assert f"top-1 {mae['best_top1']:.2f}%" in line and "415 images" in line, line

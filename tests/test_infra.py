@@ -94,12 +94,14 @@ def test_every_entrypoint_runs_with_help(argv):
 
 
 def test_every_config_field_carries_its_help():
-    """`mae pretrain --help` lists every field with the help kept beside it (data's too)."""
+    """`mae pretrain --help` and `mae finetune --help` list every field with the help kept beside it."""
     from dataclasses import fields
 
     from jobs.core.config import SECTIONS
-    missing = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls) if not f.metadata.get("help")]
-    assert not missing, missing
+    from jobs.core.finetune_config import FinetuneConfig, LinprobeConfig
+    for sections in (SECTIONS, FinetuneConfig.sections(), LinprobeConfig.sections()):
+        missing = [f"{s}.{f.name}" for s, cls in sections.items() for f in fields(cls) if not f.metadata.get("help")]
+        assert not missing, missing
 
 
 def test_images_and_versions_agree_with_pyproject():

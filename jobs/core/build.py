@@ -22,17 +22,18 @@ def device_bytes(device: torch.device, local_world: int) -> int:
 
 
 def build_model(cfg: PretrainConfig, device: torch.device, strategy: str, precision: str, rank: int,
-                world: int, local_world: int):
+                world: int, local_world: int, make=None):
     """Meta-device model -> parallelized by ``strategy`` -> materialized on ``device`` -> initialized.
 
     fsdp / hsdp: sharded before materializing (no rank ever holds the whole unsharded model);
     hsdp's mesh is (nodes, workers per node): shard within a node, replicate across nodes.
     ddp: materialized whole and wrapped (rank 0's weights are broadcast); one worker: plain.
+    ``make``: builds the module (default: the MAE of ``cfg.model``; fine-tuning: the classifier).
     """
     from torch.distributed.device_mesh import init_device_mesh
-    mcfg = cfg.model.build()
+    make = make or (lambda: MaskedAutoencoder(cfg.model.build()))
     with torch.device("meta"):
-        model = MaskedAutoencoder(mcfg)
+        model = make()
     if cfg.train.compile:
         compile_blocks(model)
     if strategy == "ddp":
@@ -57,7 +58,7 @@ def build_model(cfg: PretrainConfig, device: torch.device, strategy: str, precis
 
 
 def agree_strategy(cfg: PretrainConfig, device: torch.device, *, rank: int, world: int, node_rank: int,
-                   local_rank: int, local_world: int, group=None) -> str:
+                   local_rank: int, local_world: int, group=None, make=None) -> str:
     """Rank 0 picks the strategy (scaling.strategy, or auto by model size and device memory) and
     says why; every rank gets it. hsdp needs the same number of workers on every node, ranks
     grouped by node."""
@@ -66,7 +67,8 @@ def agree_strategy(cfg: PretrainConfig, device: torch.device, *, rank: int, worl
     choice = None
     if rank == 0:
         with torch.device("meta"):
-            n_params = sum(p.numel() for p in MaskedAutoencoder(cfg.model.build()).parameters())
+            model = make() if make else MaskedAutoencoder(cfg.model.build())
+            n_params = sum(p.numel() for p in model.parameters())
         name, why = choose_strategy(cfg.scaling.strategy, n_params=n_params,
                                     device_bytes=device_bytes(device, local_world), world=world,
                                     local_world=local_world)

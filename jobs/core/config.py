@@ -61,7 +61,8 @@ class TrainSection:
     keep_last: int = _f(3, "complete checkpoints to keep (plus the best)")
     async_checkpoint: bool = _f(True, "upload checkpoints in the background: the loop waits only for the write to "
                                       "the node's disk; false: it also waits for the upload")
-    best_metric: str = _f("loss", "metric that picks the kept best checkpoint (lower is better; '' for none)")
+    best_metric: str = _f("loss", "metric that picks the kept best checkpoint ('' for none)")
+    best_mode: str = _f("min", "min: the lowest best_metric is best (a loss) | max: the highest (an accuracy)")
     vis_every: int = _f(0, "steps between reconstruction pictures (0: at checkpoints and the end)")
     vis_images: int = _f(8, "validation images in the reconstruction picture")
     knn_eval: bool = _f(False, "k-NN top-1 on held-out labeled images at every report (the tuning objective)")
@@ -134,11 +135,17 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def sections(cls) -> dict[str, type]:
+        """{section name: its dataclass}, in order."""
+        return {f.name: type(f.default_factory()) for f in fields(cls)}
+
+    @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
         cfg = cls()
+        sections = cls.sections()
         for section, values in (d or {}).items():
-            if section not in SECTIONS:
-                raise ConfigError(f"unknown config section {section!r}; sections: {', '.join(SECTIONS)}")
+            if section not in sections:
+                raise ConfigError(f"unknown config section {section!r}; sections: {', '.join(sections)}")
             if not isinstance(values, dict):
                 raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
             for k, v in values.items():
@@ -165,6 +172,8 @@ class PretrainConfig:
                 raise ConfigError(f"{name}={v!r} is out of range")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas={o.betas!r}: two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if t.best_mode not in ("min", "max"):
+            raise ConfigError(f"train.best_mode={t.best_mode!r}: min or max")
         if t.knn_feature not in ("cls", "mean"):
             raise ConfigError(f"train.knn_feature={t.knn_feature!r}: cls or mean")
         if t.report_every < 0 or t.min_report_interval_s < 0:
@@ -188,7 +197,7 @@ class PretrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = {"model": ModelSection, "data": DataConfig, "optim": OptimSection, "train": TrainSection,
+SECTIONS = {"model": ModelSection, "data": DataConfig, "optim": OptimSection, "train": TrainSection,  # pretraining's
             "scaling": ScalingSection, "run": RunSection, "track": TrackSection}
 
 
@@ -231,8 +240,9 @@ def _coerce(name: str, current: Any, value: Any, ftype) -> Any:
 
 def set_field(cfg: PretrainConfig, dotted: str, value: Any) -> None:
     section, _, key = dotted.partition(".")
-    if section not in SECTIONS or not key:
-        raise ConfigError(f"{dotted!r}: write section.field=value; sections: {', '.join(SECTIONS)}")
+    sections = type(cfg).sections()
+    if section not in sections or not key:
+        raise ConfigError(f"{dotted!r}: write section.field=value; sections: {', '.join(sections)}")
     obj = getattr(cfg, section)
     if section == "model" and key.startswith("overrides."):
         sub = key.split(".", 1)[1]
@@ -247,7 +257,7 @@ def set_field(cfg: PretrainConfig, dotted: str, value: Any) -> None:
     setattr(obj, key, _coerce(dotted, getattr(obj, key), value, fmap[key].type))
 
 
-def load(path: str | None, overrides: list[str]) -> PretrainConfig:
+def load(path: str | None, overrides: list[str], cls: type | None = None) -> PretrainConfig:
     """A YAML file (optional) plus ``section.field=value`` overrides -> a validated config."""
     d: dict = {}
     if path:
@@ -260,10 +270,11 @@ def load(path: str | None, overrides: list[str]) -> PretrainConfig:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections")
-    cfg = PretrainConfig()
+    cfg = (cls or PretrainConfig)()
+    sections = type(cfg).sections()
     for section, values in d.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section {section!r}; sections: {', '.join(SECTIONS)}")
+        if section not in sections:
+            raise ConfigError(f"{path}: unknown section {section!r}; sections: {', '.join(sections)}")
         for k, v in (values or {}).items():
             set_field(cfg, f"{section}.{k}", v)
     for ov in overrides:
@@ -274,10 +285,10 @@ def load(path: str | None, overrides: list[str]) -> PretrainConfig:
     return cfg.validate()
 
 
-def describe() -> str:
+def describe(config_cls: type | None = None) -> str:
     """Every field with its default and help, for ``--help``."""
     lines = []
-    for section, cls in SECTIONS.items():
+    for section, cls in (config_cls or PretrainConfig).sections().items():
         lines.append(f"\n{section}:")
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

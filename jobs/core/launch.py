@@ -158,6 +158,7 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: d
     from jobs.core.optim import scaled_lr
 
     mcfg = cfg.model.build()
+    finetune = getattr(cfg, "finetune", None)
     global_batch, accum = batch_plan(cfg, resumed)
     rows = info.num_rows
     if not rows:
@@ -179,11 +180,55 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: d
     if imgs is not None:
         rng = np.random.default_rng(cfg.train.seed + 12345)
         vis = {"patches": imgs, "noise": rng.random((len(imgs), mcfg.num_patches)).astype(np.float32)}
+    flops, classes, eval_every = mcfg.train_flops_per_image(), 0, 0
+    if finetune is not None:
+        from mae_model.vit import flops_per_image
+        classes = num_classes_of(cfg, info)
+        flops = flops_per_image(mcfg, classes)
+        eval_every = max(1, round(finetune.eval_every_epochs * steps_per_epoch))
     return RunPlan(run_dir=run_dir_of(cfg), global_batch=global_batch, accum_steps=accum,
                    steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup, peak_lr=peak,
-                   precision=precision, flops_per_image=mcfg.train_flops_per_image(), rows=rows,
+                   precision=precision, flops_per_image=flops, rows=rows,
                    t_launch=t_launch, config_yaml=cfg.to_yaml(), finished=finished, vis=by_reference(vis),
-                   probe=None if finished else by_reference(probe_data(cfg)), faults=Faults.from_env())
+                   probe=None if finished else by_reference(probe_data(cfg)), faults=Faults.from_env(),
+                   num_classes=classes, eval_every=eval_every)
+
+
+def num_classes_of(cfg, info: SourceInfo) -> int:
+    """The classifier's classes: finetune.num_classes, else the training set's (manifest or folders)."""
+    n = cfg.finetune.num_classes or len(info.classes or [])
+    if n < 2:
+        raise UserError(f"{cfg.data.source}: no class labels to fine-tune on: prepare a labeled dataset "
+                        "(class_name/file.jpg folders, ImageNet's archives) or set finetune.num_classes")
+    cfg.finetune.num_classes = n  # recorded in the run's config: what a reader of its checkpoints builds
+    return n
+
+
+def val_split_of(uri: str) -> str:
+    """The split of a validation dataset to score: ``val`` where it has one, else its only split
+    (a dataset prepared with ``--split val``, or with one split of any name); ``val`` for folders."""
+    from pipeline.sources import read_manifest
+    splits = sorted(((read_manifest(parse_uri(uri)) or {}).get("splits") or {"val": None}))
+    return "val" if "val" in splits else splits[0]
+
+
+def val_source(cfg, train: SourceInfo) -> SourceInfo:
+    """The validation set a fine-tuning run scores every epoch: ``finetune.val`` (its ``val`` split,
+    else its only one) or the val split of ``data.source``; its classes must be the training set's."""
+    f = cfg.finetune
+    uri = f.val or cfg.data.source
+    split = f.val_split or (val_split_of(uri) if f.val else "val")
+    try:
+        info = resolve(uri, split, cfg.data.val_fraction, cfg.data.seed)
+    except Exception as e:  # noqa: BLE001 - one line naming the fix
+        raise UserError(f"validation set: {e}; give one with --val DATASET (mae prepare ... --split val)") from None
+    if info.kind == "images" and cfg.data.val_fraction <= 0 and not f.val:
+        raise UserError(f"{uri}: an image folder has no val split: set data.val_fraction or give --val DATASET")
+    if train.classes and info.classes and list(info.classes) != list(train.classes):
+        raise UserError(f"{uri}: its classes ({len(info.classes)}, e.g. {info.classes[:3]}) are not the training "
+                        f"set's ({len(train.classes)}, e.g. {train.classes[:3]}): prepare it with "
+                        "--classes-from TRAIN_DATASET")
+    return info
 
 
 def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None,
@@ -198,12 +243,15 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
         return finished_result(run, latest, resumed, plan, verbose), plan
     start = resumed.get("images_seen", resumed["step"] * plan.global_batch) if resumed else 0
     ds, plan = build_stream(cfg, plan, info, run, start)
+    datasets = {"train": ds}
+    if getattr(cfg, "finetune", None) is not None:
+        datasets["val"] = build_val(cfg, val_source(cfg, info), run)
     # Save the resolved config with the run (credentials never appear in it: they are not config).
     run.write("config.yaml", cfg.to_yaml().encode())
     if verbose:
         announce(cfg, plan, run, latest, start)
     try:
-        return fit_keeping_sigint(build_trainer(cfg, plan, ds, callbacks)), plan
+        return fit_keeping_sigint(build_trainer(cfg, plan, datasets, callbacks)), plan
     finally:
         release_stats_actor(str(run))
         release_position_actor(str(run))
@@ -254,21 +302,36 @@ def announce(cfg: PretrainConfig, plan: RunPlan, run: Store, latest: dict | None
               "data.decode=cpu; meant for tests)", flush=True)
 
 
-def build_trainer(cfg: PretrainConfig, plan: RunPlan, ds, callbacks=None):
-    """The Ray Train run: every worker runs :func:`jobs.core.worker.train_loop_per_worker`, with
-    TorchTrainer's process-group setup from a config that keeps torch out of the controller."""
+def build_val(cfg, info: SourceInfo, run: Store):
+    """The validation set, center crops (resize to img_size/0.875, crop), read anew at every
+    evaluation; split between the workers unevenly (every image scored once, see ValSplit)."""
+    from dataclasses import replace
+    vcfg = replace(cfg.data, source=info.uri, augment=False, auto_augment="", shuffle=False)
+    ds, _, _ = build_dataset(vcfg, epochs=1, run_id=f"{run}#val", source=info)
+    return ds
+
+
+def build_trainer(cfg: PretrainConfig, plan: RunPlan, datasets, callbacks=None):
+    """The Ray Train run: every worker runs :func:`jobs.core.worker.train_loop_per_worker` (fine-tuning:
+    ``finetune_loop_per_worker``), with TorchTrainer's process-group setup from a config that keeps
+    torch out of the controller. ``datasets``: {"train": the stream[, "val": the validation set]}."""
     import ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from jobs.core.backend import ProcessGroupConfig
-    from jobs.core.worker import train_loop_per_worker
+    from jobs.core.datasplit import ValSplit
+    from jobs.core.worker import finetune_loop_per_worker, train_loop_per_worker
+
+    if not isinstance(datasets, dict):
+        datasets = {"train": datasets}
+    loop = finetune_loop_per_worker if "val" in datasets else train_loop_per_worker
 
     storage_fs, storage_root = pyarrow_fs(cfg.run.storage_path)
     if parse_uri(cfg.run.storage_path).scheme == "file":
         os.makedirs(storage_root, exist_ok=True)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     return DataParallelTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"cfg": cfg.to_dict(), "plan": plan},
         backend_config=ProcessGroupConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -278,7 +341,8 @@ def build_trainer(cfg: PretrainConfig, plan: RunPlan, ds, callbacks=None):
             name=cfg.run.name, storage_path=storage_root, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
-        datasets={"train": ds},
+        datasets=datasets,
+        dataset_config=ValSplit(),
     )
 
 

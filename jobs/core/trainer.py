@@ -66,17 +66,17 @@ class Trainer:
         self.precision = plan.precision
         # Small host-side agreements (checkpoint choice, report timing) on a CPU group.
         self.cpu_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
+        make = self.module_factory()
         self.strategy = agree_strategy(cfg, self.device, rank=self.rank, world=self.world,
                                        node_rank=ctx.get_node_rank(), local_rank=ctx.get_local_rank(),
-                                       local_world=ctx.get_local_world_size(), group=self.cpu_group)
+                                       local_world=ctx.get_local_world_size(), group=self.cpu_group, make=make)
         self.model = build_model(cfg, self.device, self.strategy, self.precision, self.rank, self.world,
-                                 ctx.get_local_world_size())
+                                 ctx.get_local_world_size(), make=make)
         self.core = unwrap(self.model)  # the MaskedAutoencoder: features, pictures
         # DDP computes in bf16 under autocast (as the official code's AMP); FSDP2 casts its params
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if self.strategy == "ddp" and self.precision == "bf16" else contextlib.nullcontext())
-        self.opt = build_optimizer(self.model, lr=plan.peak_lr, weight_decay=cfg.optim.weight_decay,
-                                   betas=cfg.optim.betas, device_type=self.device.type)
+        self.opt = self.build_optimizer()
         self.accum, self.global_batch = plan.accum_steps, plan.global_batch
         self.total, self.warmup, self.peak = plan.total_steps, plan.warmup_steps, plan.peak_lr
         self.run = Store(plan.run_dir)
@@ -107,6 +107,15 @@ class Trainer:
         # read at log steps, where every rank is anyway; off where Ray Train's watcher is off
         self.watch_preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1").lower() not in ("0", "false")
         self.last_notice = None
+
+    # ------------------------------------------------------------------ what a task changes
+    def module_factory(self):
+        """-> a callable building the (meta-device) module; None: the MAE of ``cfg.model``."""
+        return None
+
+    def build_optimizer(self):
+        return build_optimizer(self.model, lr=self.plan.peak_lr, weight_decay=self.cfg.optim.weight_decay,
+                               betas=self.cfg.optim.betas, device_type=self.device.type)
 
     # ------------------------------------------------------------------ helpers
     def _broadcast(self, obj):

@@ -59,7 +59,7 @@ def describe_run(run_uri: str) -> list[dict]:
             state = ("complete" if c["complete"] else
                      "pruned" if fs.exists(f"{d}/{ckpt.PRUNED}") else "incomplete")
         row = {**c, "state": state, "bytes": e.get("bytes"), "time": e.get("time"),
-               "metrics": e.get("metrics", {})}
+               "metrics": e.get("metrics", {}), "best": bool(e.get("best"))}
         if state == "complete" and (row["bytes"] is None or not row["metrics"]):
             man = json.loads(read_bytes(parse_uri(c["uri"]).join("manifest.json")))
             ts = ckpt.read_train_state(c["uri"])
@@ -70,7 +70,7 @@ def describe_run(run_uri: str) -> list[dict]:
 
 
 def select(uri: str, *, step: int | None = None, best: bool = False, metric: str | None = None,
-           mode: str = "min") -> dict:
+           mode: str | None = None) -> dict:
     """A checkpoint directory URI (must be complete) or a run directory plus a choice
     (--step N, --best, default the latest) -> that checkpoint's row."""
     u = parse_uri(uri)
@@ -96,7 +96,10 @@ def select(uri: str, *, step: int | None = None, best: bool = False, metric: str
                         f"{ckpt.MARKER} marker): wait for the run's next checkpoint")
     if not best:
         return done[-1]
-    metric = metric or _run_best_metric(parse_uri(uri)) or "loss"
+    run_metric, run_mode = _run_best_metric(parse_uri(uri))  # the run's own rule (fine-tuning: top-1, max)
+    if metric is None:
+        metric, mode = run_metric or "loss", mode or run_mode
+    mode = mode or "min"
     scored = [r for r in done if isinstance(r["metrics"].get(metric), (int, float))]
     if not scored:
         raise UserError(f"{uri}: no complete checkpoint recorded the metric {metric!r}: "
@@ -113,12 +116,14 @@ def _must_be_complete(row: dict) -> dict:
     return row
 
 
-def _run_best_metric(run: URI) -> str | None:
+def _run_best_metric(run: URI) -> tuple[str | None, str | None]:
+    """-> the run's (train.best_metric, train.best_mode), from its config.yaml (None: unknown)."""
     import yaml
     try:
-        return yaml.safe_load(read_bytes(run.join("config.yaml")))["train"]["best_metric"]
+        train = yaml.safe_load(read_bytes(run.join("config.yaml")))["train"]
+        return train["best_metric"], train.get("best_mode", "min")
     except Exception:  # noqa: BLE001 - no run config next to the checkpoints: the caller defaults
-        return None
+        return None, None
 
 
 # ---------------------------------------------------------------------------- pull
@@ -278,7 +283,7 @@ def _source_name(local_dir: str, source: str | None) -> str:
     return f"{source.rstrip('/')}/{name}"
 
 
-def consolidate(local_dir: str, cfg=None, *, source: str | None = None):
+def consolidate(local_dir: str, cfg=None, *, source: str | None = None, make=None):
     """-> the full model on CPU from a local checkpoint directory's DCP shards, in one process.
 
     The model (of the checkpoint's own config, or ``cfg``) is built on the meta device and
@@ -293,10 +298,11 @@ def consolidate(local_dir: str, cfg=None, *, source: str | None = None):
     from jobs.core.safeload import load as safe_load
     from mae_model import MaskedAutoencoder
     cfg = cfg or model_config_in(local_dir)
-    with torch.device("meta"):
-        model = MaskedAutoencoder(cfg)
+    with torch.device("meta"):  # ``make``: another module of the checkpoint (a fine-tuned classifier)
+        model = make() if make else MaskedAutoencoder(cfg)
     model.to_empty(device="cpu")
-    model.init_buffers()
+    if hasattr(model, "init_buffers"):
+        model.init_buffers()
     sd = model.state_dict()
     with local_dcp_dir(local_dir) as d, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")

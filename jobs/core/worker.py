@@ -22,3 +22,19 @@ def train_loop_per_worker(config: dict) -> None:
         ok = True
     finally:
         trainer.close(ok)
+
+
+def finetune_loop_per_worker(config: dict) -> None:
+    """The same for fine-tuning and the linear probe (:class:`jobs.core.finetuner.FineTuner`)."""
+    import ray.train
+    ray.train.get_dataset_shard("train")
+
+    from jobs.core.finetune_config import FinetuneConfig
+    from jobs.core.finetuner import FineTuner
+    trainer = FineTuner(FinetuneConfig.from_dict(config["cfg"]), config["plan"])
+    ok = False
+    try:
+        trainer.fit()
+        ok = True
+    finally:
+        trainer.close(ok)
