@@ -30,6 +30,7 @@ a driver that decodes no images never import torch).
 | `ray._private.runtime_env.packaging`, `.working_dir` (logger names) | `RAY_PACKAGING_LOGGERS`, `jobs.submit` | one line per staged file, quieted | the chatter comes back; nothing breaks |
 | `torch.distributed.checkpoint._fsspec_filesystem.FsspecReader` | `dcp_fsspec_reader`, `jobs.core.safeload` | DCP straight from object storage, each rank reading its byte ranges (not re-exported) | a `FileSystemReader` over an fsspec filesystem, or torch's public name for it |
 | `FileSystemReader._get_metadata_path(rank)`, `.fs`, `.load_id` | `dcp_metadata_path`, `jobs.core.safeload` | `.metadata` opened for our allowlisting unpickler instead of `pickle` | the path is `<checkpoint>/.metadata` |
+| `FileSystemReader.storage_data` (set in `set_up_storage_reader`), `.fs`, `.path`; `_StorageInfo.relative_path`, `.offset`, `.length`; `read_data` opening each file once with `self.fs.create_stream` and reading its items in the plan's order; the fsspec `FileSystem.fs` of an `FsspecReader` | `dcp_plan_in_file_order`, `dcp_file_ranges`, `dcp_fsspec_of`, `dcp_streams_from`, `jobs.core.safeload` | each rank fetches only the byte ranges of its items, in file order, a few ranged requests per file (torch's own reads went through a 50 MiB readahead in plan order: 2-4x the checkpoint per resume) | without them, `SafeFsspecReader.read_data` can fall back to torch's own (correct, more bytes); the byte-count tests then fail |
 | `torch.distributed.checkpoint._traverse.set_element` | `dcp_set_element`, `jobs.core.safeload` | a non-tensor entry put back into the nested state dict, as DCP's planner does | copy `DefaultLoadPlanner.load_bytes`'s code of the new version |
 | `DefaultLoadPlanner`'s `flatten_state_dict`, `mappings`, `original_state_dict`, `state_dict` | `jobs.core.safeload.SafeLoadPlanner` | the same, in our `load_bytes` (weights_only) | as above |
 | `torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING`, `torch.distributed.checkpoint.filesystem._StorageInfo`, `torch.serialization._get_layout` | `DCP_PRIVATE_PICKLE_GLOBALS`, `jobs.core.safeload.METADATA_GLOBALS` | globals a DCP `.metadata` pickles, allowlisted by name | genuine checkpoints are refused: record what a new checkpoint pickles (see `METADATA_GLOBALS`) and allowlist that |
@@ -48,6 +49,7 @@ connect. Measured with ``python -m bench.controller_torch`` (``bench/RESULTS.md`
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # ---------------------------------------------------------------------------------------- Ray
@@ -184,6 +186,49 @@ def dcp_fsspec_reader():
 def dcp_metadata_path(reader, rank: int | None = None):
     """The path of the ``.metadata`` a DCP ``FileSystemReader`` (or ``FsspecReader``) would read."""
     return reader._get_metadata_path(rank)
+
+
+def dcp_plan_in_file_order(reader, plan):
+    """A DCP ``LoadPlan`` with its items sorted by (file, offset) in ``reader``'s storage metadata."""
+    import dataclasses
+    info = reader.storage_data
+    items = sorted(plan.items, key=lambda it: (info[it.storage_index].relative_path, info[it.storage_index].offset))
+    return dataclasses.replace(plan, items=items)
+
+
+def dcp_file_ranges(reader, plan) -> dict[str, list[tuple[int, int]]]:
+    """The byte ranges ``plan`` reads, per file path as ``reader`` opens it: {path: [(offset, length)]}."""
+    info = reader.storage_data
+    out: dict[str, list[tuple[int, int]]] = {}
+    for item in plan.items:
+        s = info[item.storage_index]
+        out.setdefault(os.fspath(reader.fs.concat_path(reader.path, s.relative_path)), []).append((s.offset, s.length))
+    return out
+
+
+def dcp_fsspec_of(reader):
+    """The fsspec filesystem a DCP ``FsspecReader`` reads through."""
+    return reader.fs.fs
+
+
+@contextlib.contextmanager
+def dcp_streams_from(reader, open_stream):
+    """Within: ``reader``'s ``read_data`` opens each file with ``open_stream(path)`` (a context
+    manager yielding a seekable binary file) instead of its filesystem's own ``create_stream``."""
+    base = reader.fs
+
+    class _Opener:
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+        def create_stream(self, path, mode):
+            return open_stream(os.fspath(path)) if mode == "rb" else base.create_stream(path, mode)
+
+    reader.fs = _Opener()
+    try:
+        yield
+    finally:
+        reader.fs = base
 
 
 def dcp_set_element(root: dict, path, value) -> None:

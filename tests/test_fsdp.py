@@ -82,9 +82,11 @@ def _probe(cfg):
 CROSS = [("fsdp", "hsdp"), ("hsdp", "ddp"), ("ddp", "fsdp")]  # each writes once and reads once
 
 
-def _strategies_worker(rank, world, port, out_dir):
+def _strategies_worker(rank, world, port, out_dir, endpoints, remote):
     import time
 
+    # this rank's own counting proxy in front of the S3 server: the bytes each rank reads
+    os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = endpoints[rank]
     from jobs.core import checkpoint as ckpt
     from pipeline.storage import Store
     torch.set_num_threads(1)
@@ -110,13 +112,28 @@ def _strategies_worker(rank, world, port, out_dir):
         d = os.path.join(out_dir, f"ckpt-{strategy}")
         ckpt.write_local(model, opt, d, rank=rank, train_state={"step": 2, "time": time.time()}, config_yaml="")
         dist.barrier()
+        if rank == 0:  # to the S3 server, as a run's checkpoint is
+            from support import upload_dir
+            upload_dir(d, f"{remote}/ckpt-{strategy}")
+        dist.barrier()
         result[strategy] = first
-    # each strategy's checkpoint resumes under another: the last two steps continue the same run
+    # each strategy's checkpoint resumes under another, read from the S3 server: the last two steps
+    # continue the same run
     for saved, strategy in CROSS:
         model = _build(strategy, world)
         opt = _opt(model)
-        ckpt.load_into(model, opt, Store(os.path.join(out_dir, f"ckpt-{saved}")), rank=rank, restore_rng=False)
+        ckpt.load_into(model, opt, Store(f"{remote}/ckpt-{saved}"), rank=rank, restore_rng=False)
         result[f"{saved}->{strategy}"] = _train(model, opt, rank, world, xs[2:], noise[2:])
+    # rank 0 alone reads under DDP: what stops it stops every rank, as the same one line
+    from pipeline.storage import StorageError
+    try:
+        ckpt.load_into(*(lambda m: (m, _opt(m)))(_build("ddp", world)), Store(f"{remote}/no-such-checkpoint"),
+                       rank=rank, restore_rng=False)
+        missing = None
+    except StorageError as e:
+        missing = str(e)
+    result["missing"] = [None] * world
+    dist.all_gather_object(result["missing"], missing)
     result["accum_after_partial"] = _accumulation_after_a_partial_one(rank, world, xs)
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "losses.pt"))
@@ -168,10 +185,15 @@ def _accumulation_after_a_partial_one(rank, world, xs):
     return bool(ok)
 
 
+@pytest.mark.s3
 @pytest.mark.timeout(300)
-def test_strategies_train_alike_and_resume_each_others_checkpoints(tmp_path):
+def test_strategies_train_alike_and_resume_each_others_checkpoints(tmp_path, s3, bucket):
     """fsdp, hsdp (2 x 2 mesh) and ddp, 4 gloo processes, accumulation of 2 micro-batches: the same
-    losses as the unsharded model; a checkpoint written under any strategy continues under any."""
+    losses as the unsharded model; a checkpoint written under any strategy continues under any,
+    read from the S3 server. Each rank talks to S3 through a counting proxy of its own: under DDP
+    the checkpoint is read once in all (rank 0 reads, then broadcasts), not once per rank; under
+    HSDP each rank reads only its shard's half."""
+    from s3proxy import CountingProxy
     cfg = mae_vit_micro_patch4()
     model = _reference_model(cfg)
     opt = _opt(model)
@@ -186,8 +208,32 @@ def test_strategies_train_alike_and_resume_each_others_checkpoints(tmp_path):
         opt.step()
         opt.zero_grad()
         ref.append(loss.item())
-    mp.spawn(_strategies_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    proxies = [CountingProxy(s3.port) for _ in range(4)]
+    remote = f"s3://{bucket}/fsdp-cross/{tmp_path.name}"
+    try:
+        mp.spawn(_strategies_worker, args=(4, _free_port(), str(tmp_path), [p.endpoint for p in proxies], remote),
+                 nprocs=4, join=True)
+    finally:
+        for p in proxies:
+            p.stop()
     got = torch.load(tmp_path / "losses.pt")
+    read = {}  # (saved, strategy) -> bytes of DCP files (shards, .metadata) each rank read
+    for saved, strategy in CROSS:
+        key = f"/{bucket}/{remote.split('/', 3)[3]}/ckpt-{saved}/"
+        size = sum(os.path.getsize(tmp_path / f"ckpt-{saved}" / f) for f in os.listdir(tmp_path / f"ckpt-{saved}")
+                   if f.endswith(".distcp") or f == ".metadata")
+        read[saved, strategy] = [sum(r.received for r in p.since(0, key) if r.method == "GET"
+                                     and (r.path.endswith(".distcp") or r.path.endswith("/.metadata")))
+                                 for p in proxies]
+        print(f"{saved} checkpoint ({size} B) read under {strategy}: bytes per rank {read[saved, strategy]} "
+              f"= {sum(read[saved, strategy]) / size:.2f}x the checkpoint")
+        if strategy == "ddp":  # once in all, by rank 0
+            assert 0.9 * size <= sum(read[saved, strategy]) <= 1.1 * size, (read[saved, strategy], size)
+            assert read[saved, strategy][1:] == [0, 0, 0], read[saved, strategy]
+        if strategy == "hsdp":  # each rank its shard (half the model) and the small replicated entries
+            assert all(0 < n <= 0.65 * size for n in read[saved, strategy]), (read[saved, strategy], size)
+        # (fsdp from a ddp checkpoint: DCP reads each whole tensor the ddp save wrote, then slices it;
+        # every rank reads about all of it)
     print("unsharded:", ref, "\n", got)
     for strategy in ("fsdp", "hsdp", "ddp"):
         assert got[strategy] == pytest.approx(ref[:2], rel=1e-5), strategy
@@ -195,6 +241,7 @@ def test_strategies_train_alike_and_resume_each_others_checkpoints(tmp_path):
         assert got[f"{saved}->{strategy}"] == pytest.approx(ref[2:], rel=1e-5), (saved, strategy)
     assert ref[-1] < ref[0]  # the steps really trained
     assert got["accum_after_partial"]
+    assert len(set(got["missing"])) == 1 and "no DCP .metadata" in got["missing"][0], got["missing"]
     total = sum(p.numel() for p in model.parameters())
     assert sum(got["local"]) == total and all(abs(n / total - 0.25) < 0.02 for n in got["local"])
     assert got["embedded"] == [2, 2, 2, 2]  # each rank its share of the 7 probe images (padded)

@@ -71,6 +71,14 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
     return out
 
 
+def dcp_bytes(reqs, prefix: str) -> dict:
+    """Bytes of a checkpoint's DCP files (shards, .metadata) under ``prefix``: written (PUT bodies) and
+    read back (GET bodies)."""
+    dcp = [r for r in reqs if r.path.startswith(prefix) and (r.path.endswith(".distcp") or r.path.endswith("/.metadata"))]
+    return {"written": sum(r.sent for r in dcp if r.method == "PUT"),
+            "read": sum(r.received for r in dcp if r.method == "GET")}
+
+
 def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, prepared_shards, labeled_dir, monkeypatch,
                                                            mlflow_server):
     shards = prepared_shards(labeled_dir, "many-shards", shard_size_mb=0.005, val_fraction=0.0)
@@ -113,6 +121,12 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, prepared_
     assert pictures == ["pictures/reconstruction_00000006.png", "pictures/reconstruction_00000012.png"], pictures
     assert mrun.data.tags["checkpoint_latest"].endswith("/runs/long/checkpoint_00000012")
 
+    # The restarted group resumed from checkpoint 5, FSDP2 on 2 ranks: each rank read only the
+    # byte ranges of its shards (and the .metadata), so the checkpoint was read about once in all
+    dcp = dcp_bytes(s3.proxy.since(mark), f"/{bucket}/runs/long/{ckpt.ckpt_name(5)}/")
+    print("checkpoint 5 (FSDP2, 2 ranks): written", dcp["written"], "B, read to resume", dcp["read"], "B")
+    assert 0.9 * dcp["written"] <= dcp["read"] <= 1.3 * dcp["written"], dcp
+
     counts = per_checkpoint_requests(s3.proxy.since(mark), bucket, "runs/long")
     for k in sorted(counts):
         print(k, dict(counts[k]))
@@ -131,8 +145,12 @@ def test_long_run_checkpoint_cost_constant_kill_and_resize(s3, bucket, prepared_
     # model, reading FSDP2's shards): the same global batch by accumulation, so the schedule and
     # the images seen go on as if nothing had changed
     more = tiny_config(shards, f"s3://{bucket}/runs", "long", *common, "train.max_steps=14", "scaling.num_workers=1")
+    written = dcp_bytes(s3.proxy.since(mark), f"/{bucket}/runs/long/{ckpt.ckpt_name(12)}/")["written"]
+    mark = s3.proxy.mark()
     result, plan = fit(more)
     assert result.error is None and plan.accum_steps == 2 and plan.global_batch == 16
+    read = dcp_bytes(s3.proxy.since(mark), f"/{bucket}/runs/long/{ckpt.ckpt_name(12)}/")["read"]
+    assert 0.9 * written <= read <= 1.1 * written, (read, written)  # the one rank read it once
     m = [json.loads(x) for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in m] == list(range(1, 15))  # went on at 13 (not 100), with 1 worker
     peak = 0.02 * 16 / 256

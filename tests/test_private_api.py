@@ -3,6 +3,7 @@ it exists, with the signature or attributes the project relies on. A Ray or torc
 renames or drops one fails the test named after it here, in seconds and without a cluster,
 instead of a run's process-group setup or resume on the cluster. No Ray is started."""
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -167,6 +168,47 @@ def test_torch_dcp_FileSystemReader__get_metadata_path_fs_load_id(tmp_path):
     assert str(private_api.dcp_metadata_path(reader, None)) == str(tmp_path / ".metadata")
     assert hasattr(reader, "fs") and hasattr(reader, "load_id")
     assert "checkpoint_id" in params(FileSystemReader.reset)  # our reset() override passes it on
+
+
+def test_torch_dcp_reader_storage_data_StorageInfo_and_read_data_streams(tmp_path):
+    """SafeFsspecReader.read_data sorts the plan by (file, offset) from ``storage_data`` and has
+    torch's read_data open each file through ``self.fs.create_stream`` (ours: the spans it needs)."""
+    import dataclasses
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.planner import LoadPlan
+    assert {"relative_path", "offset", "length"} <= {f.name for f in dataclasses.fields(_StorageInfo)}
+    assert dataclasses.is_dataclass(LoadPlan) and "items" in {f.name for f in dataclasses.fields(LoadPlan)}
+    assert "storage_data" in inspect.getsource(FileSystemReader.set_up_storage_reader)
+    src = inspect.getsource(FileSystemReader.read_data)
+    assert "self.storage_data[" in src and "self.fs.create_stream(" in src and "self.fs.concat_path(self.path" in src
+    assert "for read_item in plan.items" in src  # a file's items in the plan's order: ours are sorted
+    cls = private_api.dcp_fsspec_reader()
+    reader = cls(str(tmp_path))
+    import fsspec
+    assert isinstance(private_api.dcp_fsspec_of(reader), fsspec.AbstractFileSystem)
+    reader.storage_data = {"a": _StorageInfo("__1_0.distcp", 5, 3), "b": _StorageInfo("__0_0.distcp", 9, 1),
+                           "c": _StorageInfo("__0_0.distcp", 0, 4)}
+
+    class Item:
+        def __init__(self, index):
+            self.storage_index = index
+    plan = LoadPlan([Item("a"), Item("b"), Item("c")])
+    assert [i.storage_index for i in private_api.dcp_plan_in_file_order(reader, plan).items] == ["c", "b", "a"]
+    ranges = private_api.dcp_file_ranges(reader, plan)
+    assert ranges == {os.path.join(str(tmp_path), "__1_0.distcp"): [(5, 3)],
+                      os.path.join(str(tmp_path), "__0_0.distcp"): [(9, 1), (0, 4)]}
+    opened, base = [], reader.fs
+
+    @contextlib.contextmanager
+    def opener(path):
+        opened.append(path)
+        yield None
+    with private_api.dcp_streams_from(reader, opener):
+        with reader.fs.create_stream(os.path.join(str(tmp_path), "x"), "rb"):
+            pass
+    assert opened == [os.path.join(str(tmp_path), "x")] and reader.fs is base
 
 
 def test_torch_dcp__traverse_set_element():

@@ -23,7 +23,10 @@ so a marker never precedes the last shard. Its requests per save are constant: t
 in memory, pruning is decided from it, and a pruned directory is emptied by one listing of it.
 
 Loading: one choice of checkpoint for all ranks (rank 0 reads the index and broadcasts), then
-every rank reads only the byte ranges it needs straight from storage (DCP's fsspec reader).
+what each rank needs, read once: under FSDP2/HSDP every rank reads only the byte ranges of its
+shards straight from storage (DCP's fsspec reader, in file order); under DDP (every rank holds the
+whole state) rank 0 alone reads it and broadcasts it, so a restart of 64 DDP ranks reads the
+checkpoint once, not 64 times.
 """
 
 from __future__ import annotations
@@ -269,25 +272,86 @@ def dcp_reader(ckpt: Store):
     return SafeFsspecReader(str(ckpt.uri), where=str(ckpt.uri), **fsspec_options(ckpt.uri))
 
 
-def load_into(model, optimizer, ckpt: Store, *, rank: int, load_optimizer: bool = True,
-              restore_rng: bool = True) -> bool:
-    """Collective: load (and reshard) model and optimizer state from storage; restore this rank's
-    RNG when asked and the checkpoint has it. Returns whether the RNG was restored."""
-    import torch
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from jobs.core import safeload
-
+def _check_metadata(ckpt: Store) -> None:
     if not ckpt.exists(METADATA):
         raise StorageError(f"{ckpt}: no DCP {METADATA}: a checkpoint of an earlier version (with "
                            f"{LEGACY_METADATA}); rename that file to {METADATA} in storage to resume it")
+
+
+def _read_state(model, optimizer, ckpt: Store, load_optimizer: bool, *, no_dist: bool = False):
+    """Model and optimizer state read from ``ckpt`` into state dicts of this rank's own layout
+    (resharded by DCP) -> (model state, optimizer state: as read, or the optimizer's own when
+    ``load_optimizer`` is false). The metadata is allowlisted and the non-tensor entries
+    (param_groups) read with weights_only: a refused checkpoint is one CheckpointRefused line,
+    before any collective."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from jobs.core import safeload
+    _check_metadata(ckpt)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd} if load_optimizer else {"model": model_sd}
-    # metadata allowlisted, non-tensor entries (param_groups) with weights_only: a refused
-    # checkpoint is one CheckpointRefused line, the same on every rank, before any collective
-    safeload.load(state, dcp_reader(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"] if load_optimizer else optim_sd)
+    safeload.load(state, dcp_reader(ckpt), no_dist=no_dist)
+    return state["model"], optim_sd
+
+
+def replicated(model) -> bool:
+    """Every rank holds the whole model (DDP, or a plain module): no parameter is a DTensor shard."""
+    from torch.distributed.tensor import DTensor
+    return not any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _read_once_and_broadcast(model, optimizer, ckpt: Store, load_optimizer: bool, group=None) -> None:
+    """DDP: rank 0 reads model and optimizer state from storage (all of it, once) and broadcasts it
+    to every rank's replica. A failure to read (a refused or missing checkpoint, a storage error) is
+    raised on every rank, as the same one line."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from jobs.core.safeload import CheckpointRefused
+    first = dist.get_rank() == 0
+    model_sd, optim_sd, failed = {}, {}, None
+    if first:
+        try:
+            model_sd, optim_sd = _read_state(model, optimizer, ckpt, load_optimizer, no_dist=True)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
+            failed = e
+    box = [None if failed is None else (type(failed).__name__, str(failed))]
+    dist.broadcast_object_list(box, src=0, group=group)
+    if box[0] is not None:
+        if failed is not None:
+            raise failed
+        kind, msg = box[0]
+        raise {"CheckpointRefused": CheckpointRefused, "StorageError": StorageError}.get(kind, RuntimeError)(
+            msg if kind in ("CheckpointRefused", "StorageError") else f"rank 0 could not read {ckpt}: {kind}: {msg}")
+    # each tensor from rank 0 (in place there: the state dicts hold its own parameters)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    if load_optimizer:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+
+
+def load_into(model, optimizer, ckpt: Store, *, rank: int, load_optimizer: bool = True,
+              restore_rng: bool = True, read_once: bool | None = None, group=None) -> bool:
+    """Collective: load (and reshard) model and optimizer state from storage; restore this rank's
+    RNG when asked and the checkpoint has it. Returns whether the RNG was restored.
+
+    What each rank reads: a sharded model (FSDP2, HSDP) reads only the byte ranges of its shards;
+    a replicated one (DDP: ``read_once=None`` tells them apart) is read by rank 0 alone and
+    broadcast, once per run instead of once per rank (``read_once=False``: every rank reads).
+    ``group``: where rank 0's failure to read is told to the others (a CPU group under NCCL)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if read_once is None:
+        read_once = replicated(model)
+    if read_once and world > 1:
+        _read_once_and_broadcast(model, optimizer, ckpt, load_optimizer, group)
+    else:
+        model_sd, optim_sd = _read_state(model, optimizer, ckpt, load_optimizer)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     if restore_rng:
         raw = ckpt.read_if_exists(f"rng_rank{rank}.pt")
         if raw is not None:  # plain tensors and numbers: a writable bucket cannot run code here

@@ -64,7 +64,8 @@ class Checkpointer:
     # ------------------------------------------------------------------ resume
     def resume(self, model, opt) -> Resumed | None:
         """Load the newest complete checkpoint into ``model`` and ``opt``, chosen once by rank 0 from
-        the index for every rank and read by each rank straight from storage; None: none yet."""
+        the index for every rank; each rank reads its shards straight from storage (FSDP2, HSDP),
+        or rank 0 reads the whole state once and broadcasts it (DDP); None: none yet."""
         choice = None
         if self.rank == 0:  # the index is read once per attempt, here
             self.finalizer = ckpt.Finalizer(self.run, self.cfg.train.keep_last, self.cfg.train.best_metric)
@@ -78,7 +79,7 @@ class Checkpointer:
         if st.get("global_batch", self.global_batch) != self.global_batch:  # the driver adapts accum; guard
             raise RuntimeError(f"resume: global batch {self.global_batch} != saved {st['global_batch']}")
         restored = ckpt.load_into(model, opt, Store(choice["uri"]), rank=self.rank,
-                                  restore_rng=st.get("world_size") == self.world)
+                                  restore_rng=st.get("world_size") == self.world, group=self.cpu_group)
         return Resumed(uri=choice["uri"], step=st["step"], metrics=st.get("metrics") or {},
                        world_size=st["world_size"], restored_rng=bool(restored))
 

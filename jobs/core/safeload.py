@@ -19,6 +19,7 @@ Tensor shards were already read with ``weights_only=True`` by DCP itself.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import re
@@ -125,6 +126,10 @@ class _SafeMetadata:
         if checkpoint_id:
             self._metadata = None
 
+    def read_data(self, plan, planner):
+        """DCP's read, each file's items taken in offset order (torch takes them in the plan's)."""
+        return super().read_data(private_api.dcp_plan_in_file_order(self, plan), planner)
+
 
 class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
     def __init__(self, path, *, where: str | None = None, **kw):
@@ -133,9 +138,100 @@ class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
 
 
 class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """On object storage, each rank fetches only the byte ranges of the items it reads.
+
+    torch opens each file as an fsspec file whose readahead cache (50 MiB on S3) fetches from the
+    first byte read to far past it, and reads the items in the plan's order, refetching after
+    every backward seek: a 2-rank resume read 2.4x (FSDP2) and 3.9x (DDP) the checkpoint, and an
+    FSDP rank that needs one small replicated entry (an optimizer step) of another rank's file
+    fetched the rest of that file. Here the items of a file are read in offset order through
+    :class:`_SpanFile`: its ranges, neighbours merged, one ranged request each."""
+
     def __init__(self, path, *, where: str | None = None, **kw):
         super().__init__(path, **kw)
         self.where = where or str(path)
+
+    def read_data(self, plan, planner):
+        plan = private_api.dcp_plan_in_file_order(self, plan)
+        spans = {path: merge_ranges(r) for path, r in private_api.dcp_file_ranges(self, plan).items()}
+        fs = private_api.dcp_fsspec_of(self)
+
+        @contextlib.contextmanager
+        def open_stream(path):
+            f = _SpanFile(fs, path, spans.get(path, []))
+            try:
+                yield f
+            finally:
+                f.close()
+
+        with private_api.dcp_streams_from(self, open_stream):
+            return FsspecReader.read_data(self, plan, planner)  # torch's, on the sorted plan
+
+
+FETCH_GAP = 16 << 10     # ranges of a file closer than this are fetched in one request
+FETCH_MAX = 64 << 20     # at most this much per request (and held per open file)
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """A file's (offset, length) ranges -> sorted (start, end) spans to fetch: neighbours closer than
+    :data:`FETCH_GAP` merged while the span stays within :data:`FETCH_MAX` (a longer range is a span
+    of its own), so that every range lies inside one span."""
+    spans: list[list[int]] = []
+    for off, n in sorted(set(ranges)):
+        end = off + n
+        if spans and off - spans[-1][1] <= FETCH_GAP and max(end, spans[-1][1]) - spans[-1][0] <= FETCH_MAX:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([off, end])
+    return [(a, b) for a, b in spans]
+
+
+class _SpanFile(io.RawIOBase):
+    """A remote file read through the spans a rank needs: a span is fetched with one ranged request
+    when a read first falls inside it and kept until a read falls in another (reads come in offset
+    order); a read inside no span (none is expected) is fetched as asked."""
+
+    def __init__(self, fs, path: str, spans: list[tuple[int, int]]):
+        super().__init__()
+        self.fs, self.path, self.spans = fs, path, spans
+        self.pos, self.start, self.buf = 0, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self.pos = offset
+        elif whence == io.SEEK_CUR:
+            self.pos += offset
+        else:  # DCP's views turn SEEK_END into SEEK_SET
+            raise io.UnsupportedOperation("seek from the end")
+        return self.pos
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            raise io.UnsupportedOperation("read to the end")  # DCP reads within an item's length
+        if size == 0:
+            return b""
+        end = self.pos + size
+        if not (self.start <= self.pos and end <= self.start + len(self.buf)):
+            lo, hi = next(((a, b) for a, b in self.spans if a <= self.pos and end <= b), (self.pos, end))
+            self.buf, self.start = b"", lo
+            self.buf = self.fs.cat_file(self.path, start=lo, end=hi)
+        out = self.buf[self.pos - self.start:end - self.start]
+        self.pos += len(out)
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        memoryview(b).cast("B")[:len(data)] = data
+        return len(data)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
