@@ -192,8 +192,9 @@ class Finalizer:
     checkpoint that falls out (normally one) its marker removed, a ``PRUNED`` note, one listing of
     that directory and one bulk delete."""
 
-    def __init__(self, run: Store, keep_last: int, best_metric: str, log=say):
+    def __init__(self, run: Store, keep_last: int, best_metric: str, log=say, best_mode: str = "min"):
         self.run, self.keep_last, self.best_metric, self.log = run, keep_last, best_metric, log
+        self.best_mode = best_mode  # min: lower is better (a loss); max: higher (an accuracy)
         index = read_index(run)
         if index is None:  # a run of an earlier version, or none yet: rebuild from one listing
             index = [{"name": c["name"], "step": c["step"], "complete": True, "metrics": {}}
@@ -234,12 +235,21 @@ class Finalizer:
         self.index.sort(key=lambda e: e["step"])
         self._write_index()
 
+    def best(self) -> dict | None:
+        """The complete checkpoint with the best ``best_metric`` (ties: the earliest)."""
+        scored = [e for e in self.index if e.get("complete")
+                  and isinstance(e.get("metrics", {}).get(self.best_metric), (int, float))]
+        if not scored:
+            return None
+        pick = max if self.best_mode == "max" else min
+        return pick(scored, key=lambda e: e["metrics"][self.best_metric])
+
     def keep(self) -> set[int]:
         complete = [e for e in self.index if e.get("complete")]
         keep = {e["step"] for e in complete[-self.keep_last:]}
-        scored = [e for e in complete if isinstance(e.get("metrics", {}).get(self.best_metric), (int, float))]
-        if scored:
-            keep.add(min(scored, key=lambda e: e["metrics"][self.best_metric])["step"])
+        best = self.best()
+        if best is not None:
+            keep.add(best["step"])
         return keep
 
     def prune(self) -> list[str]:
@@ -258,6 +268,12 @@ class Finalizer:
         return [e["name"] for e in gone]
 
     def _write_index(self) -> None:
+        """The index, the best checkpoint marked (``"best": true``) for `mae ckpt` and readers."""
+        best = self.best()
+        for e in self.index:
+            e.pop("best", None)
+            if best is not None and e["step"] == best["step"]:
+                e["best"] = True
         self.run.write(INDEX, json.dumps(self.index, indent=1).encode())
 
 

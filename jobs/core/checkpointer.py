@@ -68,7 +68,8 @@ class Checkpointer:
         or rank 0 reads the whole state once and broadcasts it (DDP); None: none yet."""
         choice = None
         if self.rank == 0:  # the index is read once per attempt, here
-            self.finalizer = ckpt.Finalizer(self.run, self.cfg.train.keep_last, self.cfg.train.best_metric)
+            self.finalizer = ckpt.Finalizer(self.run, self.cfg.train.keep_last, self.cfg.train.best_metric,
+                                            best_mode=self.cfg.train.best_mode)
             latest = self.finalizer.latest()
             if latest:
                 choice = {"uri": latest["uri"], "state": ckpt.read_train_state(self.run.child(latest["name"]))}
