@@ -343,7 +343,7 @@ def evaluate_finetuned(uri: str, dataset: str, *, val: str | None = None, worker
     if not n:
         raise UserError(f"{src}: no validation images")
     out = {**meta, "dataset": src, "images": int(n), "classes": model.num_classes,
-           "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
+           "top1": float(100.0 * top1 / n), "top5": float(100.0 * top5 / n), "loss": float(loss / n)}
     if write and not uri.endswith((".pth", ".pt", ".safetensors")):
         write_bytes(parse_uri(meta["checkpoint"]).join("evaluation_finetuned.json"), json.dumps(out, indent=1).encode())
     return out

@@ -27,7 +27,7 @@ import json
 import sys
 import time
 
-from jobs.core.common import UserError, init_ray, one_line_errors, parse_args, refuse_config_flag
+from jobs.core.common import UserError, init_ray, one_line_errors, refuse_config_flag
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,7 +44,14 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str], *, strict: bool = False) -> argparse.Namespace:
     refuse_config_flag("mae finetune", argv)
-    a = parse_args(parser(), argv, strict=strict)
+    ap = parser()
+    if strict and any(x in ("-h", "--help") for x in argv):
+        raise UserError("--help is not submitted: run `mae finetune --help` here")
+    if strict:
+        def error(message: str):
+            raise UserError(message)
+        ap.error = error
+    a = ap.parse_intermixed_args(argv)  # --val and --linprobe anywhere, before or after the overrides
     if not a.help and (not a.pretrained or not a.data):
         raise UserError("give PRETRAINED (a run, checkpoint, .pth, or none) and TRAIN_DATA: "
                         "mae finetune PRETRAINED TRAIN_DATA [CONFIG.yaml] [section.field=value ...]")

@@ -199,3 +199,19 @@ def test_the_best_checkpoint_is_the_highest_accuracy_and_marked(tmp_path):
     assert [e["step"] for e in index] == [20, 30]  # the last, and the best (highest top-1)
     assert [e.get("best", False) for e in index] == [True, False]
     assert not math.isnan(np.float64(index[0]["metrics"]["val/top1"]))
+
+
+def test_the_command_line_is_checked_before_anything_runs():
+    """`mae submit -- finetune ...` checks the arguments and the config here (no Ray, no storage)."""
+    from jobs.core.common import UserError
+    from jobs.finetune import check, parse
+    from mae_model.config import ConfigError
+    assert check(["none", "s3://b/train", "model.preset=mae_vit_micro_patch4", "finetune.mixup=0.5"]) is None
+    a = parse(["s3://b/runs/pre", "s3://b/train", "--val", "s3://b/val", "--linprobe", "train.epochs=3"])
+    assert (a.val, a.linprobe, a.config, a.overrides) == ("s3://b/val", True, None, ["train.epochs=3"])
+    with pytest.raises(UserError, match="PRETRAINED"):
+        check(["none"])
+    with pytest.raises(ConfigError, match="finetune.nope"):
+        check(["none", "s3://b/train", "finetune.nope=1"])
+    with pytest.raises(ConfigError, match="even"):
+        check(["none", "s3://b/train", "train.batch_size=7"])  # mixup pairs the images of a batch

@@ -12,6 +12,7 @@ top-1 is kept (``train.best_metric``) and marked in the run's index.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -214,7 +215,8 @@ class FineTuner(Trainer):
             self.train_step()
             self.inject_faults()
             at = cadence.at(self.step)
-            evaluate = self.step % self.plan.eval_every == 0 or self.step >= self.total
+            every = self.plan.eval_every  # steps, fractional: an evaluation at the first step past each multiple
+            evaluate = math.floor(self.step / every) > math.floor((self.step - 1) / every) or self.step >= self.total
             save = at.checkpoint or evaluate or self.preempted()
             if not (at.log or save):
                 continue

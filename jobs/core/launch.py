@@ -185,7 +185,7 @@ def make_plan(cfg: PretrainConfig, info: SourceInfo, t_launch: float, resumed: d
         from mae_model.vit import flops_per_image
         classes = num_classes_of(cfg, info)
         flops = flops_per_image(mcfg, classes)
-        eval_every = max(1, round(finetune.eval_every_epochs * steps_per_epoch))
+        eval_every = max(1.0, finetune.eval_every_epochs * steps_per_epoch)
     return RunPlan(run_dir=run_dir_of(cfg), global_batch=global_batch, accum_steps=accum,
                    steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup, peak_lr=peak,
                    precision=precision, flops_per_image=flops, rows=rows,

@@ -40,7 +40,7 @@ class RunPlan:
     position: Any = None                        # the stream's resume-position actor (pipeline.stream)
     faults: Faults | None = None                # test-only fault injection (jobs.core.faults)
     num_classes: int = 0                        # fine-tuning: the head's classes
-    eval_every: int = 0                         # fine-tuning: steps between evaluations on the val set
+    eval_every: float = 0.0                     # fine-tuning: steps between evaluations on the val set
 
     def with_stream(self, stream: Stream, position) -> "RunPlan":
         return replace(self, stream=stream, position=position)
