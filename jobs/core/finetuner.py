@@ -53,15 +53,20 @@ class FineTuner(Trainer):
     def module_factory(self):
         from mae_model.vit import ViTClassifier
         mcfg, f, n = self.cfg.model.build(), self.cfg.finetune, self.plan.num_classes
-        return lambda: ViTClassifier(mcfg, n, global_pool=f.global_pool, drop_path=0.0 if f.linprobe else f.drop_path,
-                                     linprobe=f.linprobe)
+
+        def make():
+            m = ViTClassifier(mcfg, n, global_pool=f.global_pool, drop_path=0.0 if f.linprobe else f.drop_path,
+                              linprobe=f.linprobe)
+            if f.linprobe:  # frozen before DDP wraps it: DDP then reduces the head's gradients only
+                m.freeze_encoder()
+            return m
+        return make
 
     def build_optimizer(self):
         """Fine-tuning: AdamW over ``param_groups_lrd`` (layer-wise lr decay, no decay on norms,
         biases, cls token and position embeddings). Linear probe: the encoder frozen, LARS on the head."""
         if self.f.linprobe:
             from jobs.core.probe import LARS
-            self.core.freeze_encoder()
             head = [p for n, p in self.model.named_parameters() if p.requires_grad]
             return LARS(head, lr=self.plan.peak_lr, weight_decay=self.cfg.optim.weight_decay)
         from mae_model.vit import param_groups_lrd
@@ -89,8 +94,6 @@ class FineTuner(Trainer):
             missing = cpu.load_pretrained(init_state_dict(uri, self.cfg.model.build(), verbose=False))
             sd = cpu.state_dict()
         set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        if self.f.linprobe:
-            self.core.freeze_encoder()
         self.say(f"[mae] fine-tuning from {uri} (new: {', '.join(missing) or 'nothing'}; broadcast from rank 0)")
 
     # ------------------------------------------------------------------ steps
