@@ -91,7 +91,7 @@ def main(argv=None) -> int:
           f"      mae finetune {rd} {shards} {' '.join(FINETUNE_DEMO)} run.storage_path={runs} run.name=ft-mae\n"
           f"      mae finetune none {shards} {' '.join(FINETUNE_DEMO)} model.preset=mae_vit_micro_patch4 "
           f"run.storage_path={runs} run.name=ft-scratch\n"
-          + ("      on the digits, expect ~75% top-1 from the MAE vs ~35% from scratch, ~1 min each (bench/RESULTS.md)\n"
+          + ("      on the digits, expect ~65-75% top-1 from the MAE vs ~35-58% from scratch, ~1 min each (bench/RESULTS.md)\n"
              if a.data == "digits" else "") +
           f"Run it again to resume (it will find the finished run); --fresh starts over.")
     return 0
