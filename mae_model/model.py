@@ -144,14 +144,7 @@ class MaskedAutoencoder(nn.Module):
         self.init_buffers()
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms(self)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         for blk in [*self.blocks, *self.decoder_blocks]:
@@ -255,6 +248,19 @@ class MaskedAutoencoder(nn.Module):
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalized patches (B, L, p*p*3) -> pixels in [0, 1]."""
         return (x.float() * self.pixel_std + self.pixel_mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def init_linears_and_norms(module: nn.Module) -> None:
+    """The official init of every Linear (xavier-uniform, zero bias) and LayerNorm (1, 0) in ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def num_params(model: nn.Module) -> int:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MAEConfig
-from .model import Block, PatchEmbed
+from .model import Block, PatchEmbed, init_linears_and_norms
 from .pos_embed import get_2d_sincos_pos_embed
 
 # Never weight-decayed, whatever their shape (timm VisionTransformer.no_weight_decay()).
@@ -68,15 +68,9 @@ class ViTClassifier(nn.Module):
         else:
             self.pos_embed.copy_(table)
         nn.init.normal_(self.cls_token, std=0.02)
+        init_linears_and_norms(self)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm1d):
+            if isinstance(m, nn.BatchNorm1d):
                 m.reset_running_stats()
         self.init_head()
 

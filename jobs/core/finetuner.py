@@ -21,7 +21,6 @@ import torch.distributed as dist
 from jobs.core.finetune_config import FinetuneConfig
 from jobs.core.optim import guarded_step, lr_at
 from jobs.core.plan import RunPlan
-from jobs.core.schedule import Cadence
 from jobs.core.trainer import DataExhausted, Trainer
 from mae_model.model import IMAGENET_MEAN, IMAGENET_STD
 from mae_model.parallelize import set_gradient_sync
@@ -203,17 +202,10 @@ class FineTuner(Trainer):
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
         """Resume (or load the pretrained encoder), then: step, maybe log, evaluate and save."""
-        self.resume()
-        self.best_top1 = float(self.saved_metrics.get("val/best_top1", 0.0))
-        if self.step >= self.total:
-            self.say(f"[mae] the run already reached step {self.total}; reporting its final metrics")
-            self.report(dict(self.saved_metrics, step=self.step))
+        cadence = self.begin()
+        if cadence is None:
             return
-        self.batches = self._batches()
-        self.model.train()
-        faults = self.plan.faults
-        cadence = Cadence.of(self.cfg.train, self.total, start=self.step,
-                             stop_after=faults.stop_after_steps if faults else -1)
+        self.best_top1 = float(self.saved_metrics.get("val/best_top1", 0.0))
         while self.step < self.total:
             self.train_step()
             self.inject_faults()

@@ -328,8 +328,8 @@ class Trainer:
             time.sleep(f.step_sleep_s)
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> None:
-        """Resume, then: step, maybe log (with k-NN and picture), maybe report, maybe save."""
+    def begin(self) -> Cadence | None:
+        """Resume, then the data iterator and the cadence of the steps left; None: nothing to train."""
         self.resume()
         if self.step >= self.total:
             # The driver found the run unfinished, the index now says finished (another attempt's
@@ -337,12 +337,18 @@ class Trainer:
             # here: see launch.finished_result). Nothing to train; the caller still needs the result.
             self.say(f"[mae] the run already reached step {self.total}; reporting its final metrics")
             self.report(dict(self.saved_metrics, step=self.step))
-            return
+            return None
         self.batches = self._batches()
         self.model.train()
         faults = self.plan.faults
-        cadence = Cadence.of(self.cfg.train, self.total, start=self.step,
-                             stop_after=faults.stop_after_steps if faults else -1)
+        return Cadence.of(self.cfg.train, self.total, start=self.step,
+                          stop_after=faults.stop_after_steps if faults else -1)
+
+    def fit(self) -> None:
+        """Resume, then: step, maybe log (with k-NN and picture), maybe report, maybe save."""
+        cadence = self.begin()
+        if cadence is None:
+            return
         while self.step < self.total:
             self.train_step()
             self.inject_faults()

@@ -15,13 +15,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from jobs.core.config import PretrainConfig
     from jobs.core.trainer import Trainer
-    trainer = Trainer(PretrainConfig.from_dict(config["cfg"]), config["plan"])
-    ok = False
-    try:
-        trainer.fit()
-        ok = True
-    finally:
-        trainer.close(ok)
+    run(Trainer(PretrainConfig.from_dict(config["cfg"]), config["plan"]))
 
 
 def finetune_loop_per_worker(config: dict) -> None:
@@ -31,7 +25,11 @@ def finetune_loop_per_worker(config: dict) -> None:
 
     from jobs.core.finetune_config import FinetuneConfig
     from jobs.core.finetuner import FineTuner
-    trainer = FineTuner(FinetuneConfig.from_dict(config["cfg"]), config["plan"])
+    run(FineTuner(FinetuneConfig.from_dict(config["cfg"]), config["plan"]))
+
+
+def run(trainer) -> None:
+    """The attempt: fit, then close (the last save completed after a clean end only)."""
     ok = False
     try:
         trainer.fit()
