@@ -49,6 +49,10 @@ class DataConfig:
     decode: str = _f("cpu", "cpu: decode tasks ship patches | gpu: they ship JPEG bytes + crop boxes and the "
                             "training worker decodes on its device (pipeline.gpu_decode)")
     output_block_rows: int = _f(256, "rows per output block (fewer calls into the split coordinator)")
+    segment_images: int = _f(10_000_000, "images per execution of the stream (whole epochs, at least one): a "
+                                         "longer run is streamed in segments, the next started while the last "
+                                         "batches of one train, so that Ray Data's per-block records stay bounded "
+                                         "whatever the run's length (0: one execution)")
     progress_bars: bool = _f(False, "Ray Data's progress bars (on a terminal; off in job logs)")
 
     @classmethod
@@ -71,6 +75,8 @@ class DataConfig:
             raise ValueError(f"data.decode={self.decode!r}: cpu (decode tasks) or gpu (the training worker's device)")
         if self.output_block_rows < 1:
             raise ValueError(f"data.output_block_rows={self.output_block_rows}: must be >= 1")
+        if self.segment_images < 0:
+            raise ValueError(f"data.segment_images={self.segment_images}: images per segment (0: one execution)")
         if self.auto_augment and not self.auto_augment.startswith(("rand", "augmix", "v0", "original")):
             raise ValueError(f"data.auto_augment={self.auto_augment!r}: a timm policy string, e.g. "
                              "rand-m9-mstd0.5-inc1, or '' for none")

@@ -253,10 +253,16 @@ def _unit_rows(fs, uri: str, unit: dict, first_row: int, batch: int, retries: in
             opened["f"].close()
 
 
-def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int, position) -> dict:
+def _items_of_epoch(batch: dict, *, num_units: int, first_epoch: int, first_item: int, position,
+                    segment_slot: int | None = None, segment_epochs: int = 0) -> dict:
     """{"id": [i]} -> {"item": the stream items of epoch ``first_epoch + i`` from the start on}. The
     start is the driver's, or a restarted worker group's later one: what was consumed is never
-    even scheduled (the expansion runs lazily, after rank 0 has set the position)."""
+    even scheduled (the expansion runs lazily, after rank 0 has set the position). A segment's
+    dataset (``segment_slot``) streams epochs ``s * segment_epochs + i`` instead, ``s`` the
+    segment its slot streams next, as rank 0 set it on the position actor before this execution."""
+    if segment_slot is not None:
+        import ray
+        first_epoch = int(ray.get(position.segment.remote(segment_slot))) * segment_epochs
     e = first_epoch + int(batch["id"][0])
     lo = max(e * num_units, resume_at(position, (first_item, 0))[0])
     return {"item": np.arange(lo, (e + 1) * num_units, dtype=np.int64)}
@@ -274,18 +280,43 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     and, for a non-empty ``run_id``, its position actor (:func:`pipeline.stream.position_actor`),
     whose resume position (set by a restarted worker group) the decode tasks honour.
     """
-    import ray.data
+    info, units, stream = _units(cfg, source)
+    first_item = stream.locate(start_image)[0]
+    first_epoch = first_item // stream.num_units
+    last_epoch = max(first_epoch + 1, start_image // max(1, stream.rows_per_epoch) + epochs)
+    return _dataset(cfg, info, units, stream, start_image, last_epoch - first_epoch, run_id, None), info, stream
 
+
+def build_segments(cfg: DataConfig, *, epochs_per_segment: int, start_image: int, run_id: str,
+                   source: SourceInfo | None = None):
+    """A run's stream in segments of ``epochs_per_segment`` epochs (:mod:`pipeline.segments`):
+    -> ((slot 0's dataset, slot 1's dataset), SourceInfo, Stream). Each execution of a slot's
+    dataset streams the segment set for that slot on the run's position actor, from the resume
+    position on."""
+    if not run_id or epochs_per_segment < 1:
+        raise ValueError("a segmented stream needs a run id and at least one epoch per segment")
+    info, units, stream = _units(cfg, source)
+    return tuple(_dataset(cfg, info, units, stream, start_image, epochs_per_segment, run_id, (slot, epochs_per_segment))
+                 for slot in (0, 1)), info, stream
+
+
+def _units(cfg: DataConfig, source: SourceInfo | None):
     configure_context(cfg)
     info = source or resolve(cfg.source, cfg.split, cfg.val_fraction, cfg.seed)
     units = read_units(info, cfg.rows_per_unit)
     if not units:
         raise StorageError(f"{cfg.source}: no data to read for split {cfg.split!r}")
-    stream = Stream(tuple(int(u["rows"]) for u in units), cfg.seed, bool(cfg.shuffle and not cfg.deterministic))
+    return info, units, Stream(tuple(int(u["rows"]) for u in units), cfg.seed,
+                               bool(cfg.shuffle and not cfg.deterministic))
+
+
+def _dataset(cfg: DataConfig, info: SourceInfo, units: list[dict], stream: Stream, start_image: int, n: int,
+             run_id: str, segment: tuple[int, int] | None):
+    """The dataset of ``n`` epochs of ``stream`` from image ``start_image`` on (``segment`` = (slot,
+    epochs per segment): of the segment set for that slot on the position actor)."""
+    import ray.data
     first_item, first_row = stream.locate(start_image)
     first_epoch = first_item // stream.num_units
-    last_epoch = max(first_epoch + 1, start_image // max(1, stream.rows_per_epoch) + epochs)
-    n = last_epoch - first_epoch
     stats = stats_actor(run_id=run_id)
     position = position_actor(run_id) if run_id else None  # no run id: no restarted group to follow
     # Epochs -> their items (tiny rows) -> one item per block -> one decode task per item.
@@ -295,15 +326,16 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     # worker process for each of the run's epochs).
     ds = ds.map_batches(_items_of_epoch, batch_size=1, num_cpus=0.01, compute=ray.data.TaskPoolStrategy(size=1),
                         fn_kwargs={"num_units": stream.num_units, "first_epoch": first_epoch,
-                                   "first_item": first_item, "position": position})
+                                   "first_item": first_item, "position": position,
+                                   "segment_slot": segment[0] if segment else None,
+                                   "segment_epochs": segment[1] if segment else 0})
     ds = ds.repartition(target_num_rows_per_block=1)
     class_index = {c: i for i, c in enumerate(info.classes)} if (info.classes and info.kind == "images") else None
     fn = functools.partial(load_and_decode, uri=info.uri, units=units, stream=stream, start=(first_item, first_row),
                            decode_batch_size=cfg.decode_batch_size, stats=stats, position=position,
                            read_retries=cfg.read_retries, output_block_rows=cfg.output_block_rows,
                            tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index, mode=cfg.decode)
-    ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", **decode_task_args(cfg))
-    return ds, info, stream
+    return ds.map_batches(fn, batch_size=1, batch_format="numpy", **decode_task_args(cfg))
 
 
 def decode_task_args(cfg: DataConfig) -> dict:

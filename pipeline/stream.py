@@ -66,16 +66,25 @@ def _position_actor_cls():
     class StreamPosition:
         """The (item, row) of its run's stream that a restarted worker group continues from (see
         :meth:`Stream.locate`). Set by rank 0 before any rank iterates; read by each decode task
-        once per stream item, and by the epoch expansion."""
+        once per stream item, and by the epoch expansion. A segmented stream
+        (:mod:`pipeline.segments`) also keeps here the segment each of its two datasets streams
+        next, set by rank 0 before that dataset's execution starts, read by its epoch expansion."""
 
         def __init__(self):
             self.position = (0, 0)
+            self.segments = {}
 
         def set(self, item: int, row: int) -> None:
             self.position = (int(item), int(row))
 
         def get(self) -> tuple[int, int]:
             return self.position
+
+        def set_segment(self, slot: int, segment: int) -> None:
+            self.segments[int(slot)] = int(segment)
+
+        def segment(self, slot: int) -> int:
+            return self.segments.get(int(slot), 0)
 
     return StreamPosition
 

@@ -87,7 +87,8 @@ def digits_shards(prepared_shards, tmp_path_factory):
 # first minute, then left it alone on one core (271 -> 236 s for this test).
 DIGITS = ["data.crop_scale=[0.8,1.0]", "data.hflip=0", "train.batch_size=32", "train.max_steps=1000",
           "train.log_every=100", "train.ckpt_every=1000", "optim.lr=1e-3", "optim.warmup_steps=20",
-          "optim.clip_grad=1.0", "scaling.num_workers=1", "data.decode_concurrency=1"]
+          "optim.clip_grad=1.0", "scaling.num_workers=1", "scaling.cpus_per_worker=2", "data.decode_concurrency=1",
+          "data.segment_images=15000"]  # 25 epochs streamed as 3 segments of 11 (pipeline.segments)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,16 @@ def digits_run(digits_shards, bucket):
     cfg = tiny_config(digits_shards, f"s3://{bucket}/runs", "eval-digits", *DIGITS, short_run=False)
     assert fit(cfg)[0].error is None
     return run_dir_of(cfg)
+
+
+def test_a_long_run_streams_its_data_in_segments(digits_run):
+    """The digits run (23 epochs) streamed its data as segments of 11 epochs, each one Ray Data
+    execution, the next opened before the seam; the run learned across them (the tests below)."""
+    from pipeline.storage import read_bytes
+    logged = [json.loads(x) for x in read_bytes(f"{digits_run}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in logged] == list(range(100, 1001, 100))  # every step once, none lost at a seam
+    seg = [r["data/segment"] for r in logged]
+    assert seg == sorted(seg) and seg[0] == 0 and seg[-1] == 2, seg  # epoch 23 is in segment 2
 
 
 def test_evaluate_pretrained_encoder_beats_random_init_on_real_digits(digits_run, digits_shards, bucket, tmp_path):
@@ -156,13 +167,15 @@ def test_finetuning_from_mae_beats_random_init_on_real_digits(digits_run, digits
         return finetune(argparse.Namespace(pretrained=pretrained, data=digits_shards, val=val, linprobe=False,
                                            config=None, overrides=[*FINETUNE, f"run.storage_path=s3://{bucket}/ft",
                                                                    f"run.name={name}", "run.max_failures=1", *extra]))
-    # rank 1 SIGKILLed while uploading the last checkpoint (step 105): the run resumes from step 53's
+    # rank 1 SIGKILLed while uploading the last checkpoint (step 105): the run resumes from step 95's
     monkeypatch.setenv(ENV, json.dumps({"crash_at_step": 105, "crash_in_upload": True}))
-    mae = job(digits_run, "ft-mae", "scaling.num_workers=2", "train.batch_size=32", "scaling.strategy=fsdp")
+    mae = job(digits_run, "ft-mae", "scaling.num_workers=2", "train.batch_size=32", "scaling.strategy=fsdp",
+              "train.ckpt_every=95")
     monkeypatch.delenv(ENV)
     # its val images named with --val (a prepared dataset's val split, as ImageNet's official val set)
+    # (one worker of 2 CPUs: torch computes on both cores, as the 2 workers above do)
     rand = job("none", "ft-rand", "model.preset=mae_vit_micro_patch4", "scaling.num_workers=1",
-               "train.batch_size=64", val=digits_shards)
+               "scaling.cpus_per_worker=2", "train.batch_size=64", val=digits_shards)
     print("from MAE:", mae, "\nfrom random init:", rand)
     for r in (mae, rand):
         assert r["steps"] == 105 and r["evaluations"] == 2 and r["val_images"] == 415  # every val image once

@@ -32,10 +32,12 @@ def _ckpt_step(path: str, run_key: str) -> int | None:
 
 
 def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counter]:
-    """Requests to the run directory grouped by the save they belong to: a save starts with its
-    first request (the metrics sync or a file of its checkpoint directory) and runs until the next
-    save's start. Saves do not overlap in storage: an upload runs in the background while training
-    goes on, but every rank waits for the previous save to be complete before it starts the next."""
+    """Requests to the run directory grouped by the save they belong to: a save starts with the
+    first file of its checkpoint directory and runs until the next save's start (its shards, the
+    metrics log, manifest, marker, index, pruning; and the next save's removal of a stale marker,
+    which precedes that save's first file). Saves do not overlap in storage: an upload runs in the
+    background while training goes on, but every rank waits for the previous save to be complete
+    before it starts the next."""
     prefix = f"/{bucket}/{run_key}"
     mine = []
     for r in reqs:
@@ -52,11 +54,6 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
         k = _ckpt_step(r.path, f"/{bucket}/{run_key}")
         if k is not None and r.method == "PUT":
             starts.setdefault(k, r.t)
-    syncs = [r.t for r in mine if r.method == "PUT" and r.path.endswith("/metrics.jsonl")]
-    for k in list(starts):  # the metrics sync just before a checkpoint's first upload opens its save
-        before = [t for t in syncs if t <= starts[k]]
-        if before:
-            starts[k] = min(starts[k], before[-1])
     order = sorted(starts.items(), key=lambda kv: kv[1])
     out: dict[int, Counter] = {k: Counter() for k in starts}
     for r in mine:

@@ -287,3 +287,46 @@ def test_gpu_decode_mode_streams_bytes_and_boxes_that_decode_to_the_cpu_modes_pa
     # float vs uint8 fixed-point bicubic: off by one here and there; the bilevel PNG's hard 0/255
     # edges by up to ~13
     assert diff.mean() < 0.5 and (diff <= 1).mean() > 0.995 and diff.max() <= 16, (diff.mean(), diff.max())
+
+
+def test_a_segment_seam_neither_repeats_nor_skips_an_image(prepared):
+    """A long run's stream in segments (one Ray Data execution each, two datasets taking turns, the
+    next opened in the background before the seam): in deterministic mode the rows of three
+    segments, from a start mid-unit, are the rows of the one-execution stream, crops included, and
+    in batches of the full size across the seams."""
+    import ray
+    import torch
+
+    from pipeline.dataset import build_segments
+    from pipeline.segments import Segments, segment_batches
+    from pipeline.stats import release_stats_actor
+    from pipeline.stream import position_actor, release_position_actor
+    dst, _, _ = prepared
+    cfg = DataConfig(source=dst, split="train", img_size=32, patch_size=4, augment=True, decode_batch_size=4,
+                     rows_per_unit=6, deterministic=True, prefetch_batches=1)
+    runs = ("test-seam-one", "test-seam-segments")
+    try:
+        one, _, stream = build_dataset(cfg, epochs=4, start_image=9, run_id=runs[0])
+        assert stream.rows_per_epoch % 7 and stream.locate(9)[1] > 0  # partial batches at seams, a mid-unit start
+        want = torch.cat([b["patches"] for b in one.iter_torch_batches(batch_size=7, drop_last=False)])
+        pair, _, _ = build_segments(cfg, epochs_per_segment=1, start_image=9, run_id=runs[1])
+        shards = [d.streaming_split(1, equal=True)[0] for d in pair]  # as Ray Train hands them to a worker
+        opened = []
+
+        def open_segment(s):
+            opened.append(s)
+            ray.get(position_actor(runs[1]).set_segment.remote(s % 2, s))
+            return shards[s % 2].iter_torch_batches(batch_size=7, drop_last=False, prefetch_batches=1)
+        seg = Segments(1, stream.rows_per_epoch, world=1)
+        it = segment_batches(open_segment, seg, start_image=9, batch_size=7, lookahead_rows=10)
+        n = 3 * stream.rows_per_epoch - 9  # to the end of segment 2, across two seams
+        got = [next(it) for _ in range(n // 7)]
+        assert all(len(b["patches"]) == 7 for b in got)
+        got = torch.cat([b["patches"] for b in got])
+        assert torch.equal(got, want[:len(got)])
+        assert opened[:3] == [0, 1, 2]
+        it.close()  # waits for segment 3, opened in the background, before the actors go
+    finally:
+        for r in runs:
+            release_position_actor(r)
+            release_stats_actor(r)

@@ -92,8 +92,8 @@ class Checkpointer:
     def save(self, model, opt, step: int, metrics: dict, state: dict, before_marker=None) -> None:
         """Collective: every rank writes its shard to the node's disk and hands it to Ray Train's
         upload, with a report of ``metrics``; the loop goes on. ``state`` joins ``train_state.json``;
-        rank 0 calls ``before_marker`` first (the metrics log: a complete checkpoint implies its
-        metrics are stored)."""
+        rank 0's upload calls ``before_marker`` before the marker (the metrics log's upload: a
+        complete checkpoint implies its metrics are stored), off the training thread."""
         import ray.train
         from ray.train import CheckpointUploadMode
         name = ckpt.ckpt_name(step)
@@ -107,8 +107,6 @@ class Checkpointer:
             # A directory of this name from an attempt that died after its marker is no longer
             # complete once new files start landing in it.
             self.run.rm([f"{name}/{ckpt.MARKER}"])
-            if before_marker is not None:
-                before_marker()
             entry = {"name": name, "step": step, "complete": True, "metrics": metrics, "time": state["time"]}
         self.saving = Future()
         ckpt.write_local(model, opt, local, rank=self.rank, train_state=state, config_yaml=self.config_yaml)
@@ -117,14 +115,15 @@ class Checkpointer:
                          checkpoint_dir_name=name,
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
                          checkpoint_upload_fn=functools.partial(self._upload, local=local, step=step, entry=entry,
-                                                                done=self.saving),
+                                                                done=self.saving, before_marker=before_marker),
                          delete_local_checkpoint_after_upload=False)  # _upload removes it
         self.last_stall = time.perf_counter() - t0
         if self.rank == 0:
             say(f"[mae] checkpoint {name} written, uploading{' in the background' if background else ''} "
                 f"({self.last_stall:.2f}s on the training path)")
 
-    def _upload(self, checkpoint, dir_name: str, *, local: str, step: int, entry: dict | None, done: Future):
+    def _upload(self, checkpoint, dir_name: str, *, local: str, step: int, entry: dict | None, done: Future,
+                before_marker=None):
         """Ray Train's upload of this rank's files (its upload thread with ``async_checkpoint``),
         then: this rank's file list to rank 0, whose finalizer completes the checkpoint.
 
@@ -139,6 +138,8 @@ class Checkpointer:
             # removed here, not by Ray after this returns: the end of the attempt (which waits for
             # ``done``) removes the whole scratch directory, and the two deletes raced
             shutil.rmtree(local, ignore_errors=True)
+            if before_marker is not None:  # rank 0: the metrics log up to this step, stored before the marker
+                before_marker()
             self._complete(dir_name, step, files, entry)
         except BaseException as e:
             if not done.done():

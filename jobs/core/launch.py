@@ -242,8 +242,7 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     if plan.finished:  # started again (a resubmitted job, a relaunched Tune trial): nothing to train
         return finished_result(run, latest, resumed, plan, verbose), plan
     start = resumed.get("images_seen", resumed["step"] * plan.global_batch) if resumed else 0
-    ds, plan = build_stream(cfg, plan, info, run, start)
-    datasets = {"train": ds}
+    datasets, plan = build_stream(cfg, plan, info, run, start)
     if getattr(cfg, "finetune", None) is not None:
         datasets["val"] = build_val(cfg, val_source(cfg, info), run)
     # Save the resolved config with the run (credentials never appear in it: they are not config).
@@ -280,14 +279,23 @@ def prepare_run(cfg: PretrainConfig, t_launch: float, check_cpus: bool):
 
 
 def build_stream(cfg: PretrainConfig, plan: RunPlan, info: SourceInfo, run: Store, start: int):
-    """The dataset from image ``start`` on: one stream for the rest of the run, plus spare epochs
-    (2%, at least one) for images skipped as corrupt (rows of the stream that yield no image).
-    -> (dataset, the plan with the stream and its resume-position actor)."""
+    """The dataset(s) from image ``start`` on: one stream for the rest of the run, plus spare epochs
+    (2%, at least one) for images skipped as corrupt (rows of the stream that yield no image); a
+    run longer than ``data.segment_images`` images is streamed in segments instead, from two
+    datasets (:mod:`pipeline.segments`), without end (the workers stop at the last step).
+    -> ({Ray Train's name: dataset}, the plan with the stream and its resume-position actor)."""
+    from pipeline.dataset import build_segments
+    from pipeline.segments import SLOTS, epochs_per_segment
     from pipeline.stream import position_actor
     epochs = math.ceil(max(0, plan.total_steps * plan.global_batch - start) / plan.rows)
     epochs += max(1, math.ceil(0.02 * epochs))
-    ds, _, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
-    return ds, plan.with_stream(stream, position_actor(run_id=str(run)))
+    position = position_actor(run_id=str(run))
+    k = epochs_per_segment(cfg.data.segment_images, plan.rows, epochs)
+    if not k:
+        ds, _, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
+        return {SLOTS[0]: ds}, plan.with_stream(stream, position)
+    pair, _, stream = build_segments(cfg.data, epochs_per_segment=k, start_image=start, run_id=str(run), source=info)
+    return dict(zip(SLOTS, pair)), plan.with_stream(stream, position, segment_epochs=k)
 
 
 def announce(cfg: PretrainConfig, plan: RunPlan, run: Store, latest: dict | None, start: int) -> None:

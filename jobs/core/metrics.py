@@ -218,6 +218,21 @@ class MetricsLogger:
             for fn in os.listdir(tb):
                 self.run.put(os.path.join(tb, fn), f"tb/{fn}")
 
+    def snapshot(self):
+        """The metrics log as it is now (read here, on the training thread: a few KB to MB of
+        local file) -> a callable that uploads it and the TensorBoard files from any thread: a
+        checkpoint's upload thread calls it before the checkpoint's marker, so a complete checkpoint
+        implies its metrics are stored, and the training loop never waits on that upload."""
+        if self._same_place():
+            return lambda: None
+        raw = open(self.jsonl, "rb").read() if os.path.exists(self.jsonl) else None
+
+        def upload():
+            if raw is not None:
+                self.run.write("metrics.jsonl", raw)
+            self.sync_tb()
+        return upload
+
     def put_file(self, local_path: str, name: str) -> str:
         self.run.put(local_path, name)
         return self.run.uri_of(name)

@@ -41,9 +41,10 @@ class RunPlan:
     faults: Faults | None = None                # test-only fault injection (jobs.core.faults)
     num_classes: int = 0                        # fine-tuning: the head's classes
     eval_every: float = 0.0                     # fine-tuning: steps between evaluations on the val set
+    segment_epochs: int = 0                     # > 0: the stream comes in segments (pipeline.segments)
 
-    def with_stream(self, stream: Stream, position) -> "RunPlan":
-        return replace(self, stream=stream, position=position)
+    def with_stream(self, stream: Stream, position, segment_epochs: int = 0) -> "RunPlan":
+        return replace(self, stream=stream, position=position, segment_epochs=segment_epochs)
 
 
 def by_reference(images: dict | None):

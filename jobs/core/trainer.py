@@ -82,6 +82,7 @@ class Trainer:
         self.run = Store(plan.run_dir)
         self.stream = plan.stream
         self.step, self.lr = 0, 0.0
+        self.segment: int | None = None  # a segmented stream's newest segment opened (pipeline.segments)
         self.saved_metrics: dict = {}  # the resumed checkpoint's metrics
         self.scratch = attempt_scratch()  # and the dead attempts' scratch on this node goes
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
@@ -216,6 +217,8 @@ class Trainer:
                               rows_per_epoch=self.stream.rows_per_epoch, model=self.model, opt=self.opt)
         if self.ckpt.last_stall is not None:  # the last save's time on the training path
             m["time/checkpoint_stall_s"], self.ckpt.last_stall = self.ckpt.last_stall, None
+        if self.segment is not None:  # a segmented stream: the newest segment this rank has opened
+            m["data/segment"] = self.segment
         if not self.first_log_done:
             m["time/launch_to_first_log_s"] = time.time() - self.plan.t_launch
             self.first_log_done = True
@@ -278,7 +281,7 @@ class Trainer:
         self.ckpt.save(self.model, self.opt, self.step, public(m),
                        state={"epoch": self.step * self.global_batch // self.stream.rows_per_epoch,
                               "accum_steps": self.accum, "strategy": self.strategy},
-                       before_marker=self.logger.sync if self.rank == 0 else None)
+                       before_marker=self.logger.snapshot() if self.rank == 0 else None)
         self.last_report = time.monotonic()
         if self.rank == 0:
             from jobs.core.checkpoint import ckpt_name
@@ -373,11 +376,34 @@ class Trainer:
                 break
 
     def _batches(self):
+        """This worker's batches from the step it starts at: its shard of the run's stream (one
+        execution), or of the stream's segments, chained (:mod:`pipeline.segments`)."""
         import ray.train
-        shard = ray.train.get_dataset_shard("train")
         kw = iter_kwargs(self.cfg.data, self.cfg.train.batch_size, self.rank)
-        return iter(shard.iter_batches(batch_format="numpy", **kw) if self.cfg.data.decode == "gpu"
-                    else shard.iter_torch_batches(**kw))
+        gpu = self.cfg.data.decode == "gpu"
+
+        def batches_of(shard, **extra):
+            args = {**kw, **extra}
+            return shard.iter_batches(batch_format="numpy", **args) if gpu else shard.iter_torch_batches(**args)
+        if not self.plan.segment_epochs:
+            return iter(batches_of(ray.train.get_dataset_shard("train")))
+        from pipeline.segments import SLOTS, Segments, segment_batches
+        shards = [ray.train.get_dataset_shard(name) for name in SLOTS]
+        seg = Segments(self.plan.segment_epochs, self.stream.rows_per_epoch, self.world)
+
+        def open_segment(s: int):
+            self.segment = s
+            if self.rank == 0:  # before this rank joins the slot's start: the execution reads it
+                import ray
+                ray.get(self.plan.position.set_segment.remote(s % 2, s))
+                self.say(f"[mae] data: segment {s} (epochs {s * seg.epochs}-{(s + 1) * seg.epochs - 1}) "
+                         f"streamed by {SLOTS[s % 2]}")
+            salt = {"local_shuffle_seed": kw["local_shuffle_seed"] + 104_729 * s} if "local_shuffle_seed" in kw else {}
+            return batches_of(shards[s % 2], drop_last=False, **salt)
+        lookahead = max(8 * self.cfg.train.batch_size * max(1, self.cfg.data.prefetch_batches),
+                        4 * self.cfg.data.rows_per_unit)
+        return segment_batches(open_segment, seg, start_image=self.step * self.global_batch,
+                               batch_size=self.cfg.train.batch_size, lookahead_rows=lookahead)
 
     def close(self, ok: bool) -> None:
         """End of the attempt: the last save completes and the last metrics go up (after a clean

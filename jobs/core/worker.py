@@ -9,9 +9,17 @@ after: on 2 cores that overlap is ~4 s of a run's time to its first step.
 from __future__ import annotations
 
 
-def train_loop_per_worker(config: dict) -> None:
+def shards(config: dict) -> None:
+    """Ask for the dataset shards first: that starts their split coordinators now (a segmented
+    stream's second one too, whose process start would otherwise fall at the first seam)."""
     import ray.train
-    ray.train.get_dataset_shard("train")  # starts the split coordinator now; the trainer reads it later
+    ray.train.get_dataset_shard("train")
+    if config["plan"].segment_epochs:
+        ray.train.get_dataset_shard("train_next")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    shards(config)  # the trainer reads them later
 
     from jobs.core.config import PretrainConfig
     from jobs.core.trainer import Trainer
@@ -20,8 +28,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def finetune_loop_per_worker(config: dict) -> None:
     """The same for fine-tuning and the linear probe (:class:`jobs.core.finetuner.FineTuner`)."""
-    import ray.train
-    ray.train.get_dataset_shard("train")
+    shards(config)
 
     from jobs.core.finetune_config import FinetuneConfig
     from jobs.core.finetuner import FineTuner
