@@ -1,7 +1,8 @@
 """How long a checkpoint save holds the training loop: the trainer's own save path with
-``train.async_checkpoint=false`` (the loop waits for the upload: Ray Train's SYNC mode) against
-``true`` (the loop waits only for the write to the node's disk; the upload, hashing and the
-``COMPLETE`` marker follow in the background), side by side in one run.
+``train.async_checkpoint=false`` (the loop writes the shard to the node's disk and waits for the
+upload: Ray Train's SYNC mode) against ``true`` (the loop waits only for a copy of the state in host
+memory; the shard's write, the upload, hashing, the metrics log and the ``COMPLETE`` marker follow in
+the background), side by side in one run.
 
 Two Train workers (FSDP2 over gloo) on a local Ray pretrain ``--preset`` on the digits for
 ``--steps`` steps with a checkpoint every ``--every`` steps to the tests' S3 server (SeaweedFS on
@@ -83,7 +84,8 @@ def main() -> None:
             print(f"  {label}: stall per save {', '.join(f'{s:.2f}' for s in r['stalls'])} s "
                   f"(mean {statistics.mean(r['stalls']):.2f}); a step without a save {r['step_s']:.2f} s; "
                   f"run {r['wall']:.0f} s")
-        print(f"  ratio of the mean stall, sync / async: {sync / max(asyn, 1e-6):.1f}x")
+        print(f"  ratio of the mean stall, sync / async: {sync / max(asyn, 1e-6):.1f}x; the async stall is "
+              f"{100 * asyn / max(sync, 1e-9):.1f}% of the sync one")
         ray.shutdown()
     finally:
         server.stop()

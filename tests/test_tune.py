@@ -1,7 +1,7 @@
 """mae tune: small searches of a tiny model on CPU, on the 2-node cluster with data and experiment
 on the S3 server: ASHA cuts a bad trial of a learning-rate search (loss objective), the
-non-finite guard ends a diverged one, and a killed tune driver of a k-NN-objective Optuna search
-resumes without rerunning finished trials."""
+non-finite guard ends a diverged one; a k-NN-objective Optuna search retries a trial whose driver's
+node is reclaimed, and resumes after its own driver is killed without rerunning finished trials."""
 
 import json
 import os
@@ -221,149 +221,129 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     assert {r.info.run_name for r in children} == {r["trial"] for r in rows}
 
 
-def test_killed_optuna_search_resumes_without_rerunning_finished_trials(tune_shards, bucket, ray_cluster, tmp_path,
-                                                                        capsys):
-    """`mae tune --search optuna` (model-based TPE over the same objective) whose driver is killed
-    after its first trial: started again, it resumes the search (Optuna's state included), keeps the
-    finished trial as it was and runs only the rest."""
+def test_a_killed_optuna_search_whose_trial_lost_its_driver_node_resumes(tune_shards, bucket, ray_cluster, tmp_path,
+                                                                         capsys):
+    """`mae tune --search optuna` (model-based TPE over the k-NN objective), one trial at a time,
+    each trial's driver on a node of a spot pool.
+
+    1. A spot reclaim of the node that hosts the first trial's driver (and so its Train controller
+       and its stream's coordinator): the trial is started again on the replacement node and
+       resumes its run from the run's latest complete checkpoint, neither lost nor restarted.
+    2. The tune driver killed once that trial is on record as finished: started again, it resumes
+       the search (Optuna's state included), keeps the finished trial as it was and runs only the rest.
+    """
     import ray
 
     from jobs.core.checkpoint import list_checkpoints
     from jobs.tune import OBJECTIVE
     from pipeline.storage import fsspec_fs, list_files, read_bytes
-    storage = f"s3://{bucket}/tune-restore"
-    steps = 8
+    storage, steps = f"s3://{bucket}/tune-restore", 24
+    pool = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "resources": {"driver_pool": 1},
+            "object_store_memory": 200 * 2**20}
+    victim = ray_cluster.add_node(**pool)
+    ray_cluster.wait_for_nodes()
     # grace = the whole budget: ASHA cuts nothing here, so every trial must end with its final checkpoint
-    args = [sys.executable, "-m", "jobs.tune", *tiny_overrides(tune_shards, storage, None, *TRIAL,
-                                                               f"train.max_steps={steps}"),
+    args = [sys.executable, "-m", "jobs.tune",
+            *tiny_overrides(tune_shards, storage, None, *TRIAL, f"train.max_steps={steps}", "train.ckpt_every=4",
+                            "run.trial_driver_resources={driver_pool: 0.01}", "run.trial_retries=2"),
             "--search", "optuna", "--num-samples", "2",
             "--space", "model.overrides.mask_ratio=0.5,0.75,0.9", "--space", "model.overrides.decoder_depth=1,2",
             "--name", "resumable", "--max-concurrent", "1", "--grace-images", str(steps * BATCH * WORKERS)]
     # Tune saves its experiment state every 10 s by default; every second here, so that the first
-    # trial's start is on record before it ends
+    # trial's end is on record soon after it ends
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 
-    def finished_trials():
+    def complete(final_only=False):  # {trial: [steps of its complete checkpoints]}
         try:
             files = list_files(f"{storage}/resumable/trials")
         except Exception:  # noqa: BLE001 - nothing written yet
-            return []
-        return sorted({p.split("/trials/")[1].split("/")[0] for p, _ in files if p.endswith("/COMPLETE")})
+            return {}
+        out: dict = {}
+        for path, _ in files:
+            if path.endswith("/COMPLETE") and "/checkpoint_" in path:
+                trial, step = path.split("/trials/")[1].split("/")[0], int(path.rsplit("checkpoint_", 1)[1][:8])
+                if step == steps or not final_only:
+                    out.setdefault(trial, []).append(step)
+        return out
+
+    def wait_for(what, p, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline and not what() and p.poll() is None:
+            time.sleep(0.5)  # each poll is an S3 listing through the counting proxy
+        return what()
 
     log = open(tmp_path / "driver1.log", "wb")  # a file, not a pipe nobody drains until the end
     p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 400
-    while time.time() < deadline and not finished_trials() and p.poll() is None:
-        time.sleep(1.0)  # each poll is an S3 listing through the counting proxy (0.2 s: ~450 of them)
-    first = finished_trials()
-    assert len(first) == 1, (tmp_path / "driver1.log").read_text()[-3000:]
-    fs, root = fsspec_fs(storage)
-    def launched_at(t):  # every launch of a trial's run writes its config.yaml
-        return fs.info(f"{root}/resumable/trials/{t}/config.yaml")["LastModified"]
-    first_launch = launched_at(first[0])
-    def recorded_finished():  # trials the driver's saved experiment state has as TERMINATED
-        n = 0
-        for path, _ in list_files(f"{storage}/resumable"):
-            if path.rsplit("/", 1)[-1].startswith("experiment_state") and path.endswith(".json"):
-                state = json.loads(read_bytes(f"s3://{path}"))
-                n = max(n, sum(json.loads(t[0]).get("status") == "TERMINATED" for t in state["trial_data"]))
-        return n
-    # Killed once the first trial's end is in the driver's saved experiment state, and a few
-    # seconds more: Ray Tune saves its trial list and its searcher's state as separate files, and a
-    # kill between the two uploads left a searcher that had suggested the next trial beside a trial
-    # list without it (the restored search then ended with one trial). (A relaunched trial whose
-    # run is finished reports its last checkpoint's metrics without a Train run: tested with the
-    # exact resume in test_pretrain.py.)
-    deadline = time.time() + 60
-    while time.time() < deadline and not recorded_finished() and p.poll() is None:
-        time.sleep(1.0)
-    time.sleep(3.0)
-    os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
-    p.wait()
-    log.close()
-    assert recorded_finished() == 1
-    # Started again with the same arguments, here in this process: `mae tune`'s main() as the CLI
-    # runs it. A second interpreter would add only its own start (Ray, Tune, torch and Optuna
-    # imported again, a new Ray job whose worker processes all start cold with the staged code),
-    # which is not what this test is about; the killed driver above was such a process.
-    from jobs.tune import main as tune_main
-    capsys.readouterr()
-    assert tune_main(args[3:]) == 0
-    out = capsys.readouterr().out
-    assert "resuming" in out, out[-3000:]
-    done = finished_trials()
-    assert len(done) == 2 and set(first) <= set(done), (first, done)
-    fs.invalidate_cache()
-    assert launched_at(first[0]) == first_launch  # the finished trial was not launched again
-    # the finished trial was not rerun: one history of 2 reports and one final checkpoint
-    for t in first:
-        logged = [json.loads(x)["step"] for x in
-                  read_bytes(f"{storage}/resumable/trials/{t}/metrics.jsonl").decode().splitlines()]
-        assert logged == [4, 8]
-        assert [c["step"] for c in list_checkpoints(f"{storage}/resumable/trials/{t}") if c["complete"]] == [steps]
-    import csv
-    import io
-    rows = list(csv.DictReader(io.StringIO(read_bytes(f"{storage}/resumable/results.csv").decode())))
-    assert len(rows) == 2 and all(not row["error"] for row in rows)
-    for row in rows:  # every trial drew its values from the space and reported the objective
-        assert float(row["model.overrides.mask_ratio"]) in (0.5, 0.75, 0.9)
-        assert int(row["model.overrides.decoder_depth"]) in (1, 2)
-        assert 0.0 <= float(row[OBJECTIVE]) <= 1.0
-
-
-def test_a_trial_whose_driver_node_is_lost_is_retried_and_resumes(tune_shards, bucket, ray_cluster, tmp_path):
-    """A spot reclaim of the node that hosts a trial's driver (and so its Train controller and its
-    stream's coordinator): the trial is started again on another node and resumes its run from
-    the run's latest complete checkpoint, neither lost nor restarted from step 0."""
-    import ray
-
-    from jobs.core.checkpoint import list_checkpoints
-    from pipeline.storage import list_files, read_bytes
-    storage, steps = f"s3://{bucket}/tune-spot", 40
-    victim = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"driver_pool": 1},
-                                  object_store_memory=200 * 2**20)
-    ray_cluster.wait_for_nodes()
-    args = [sys.executable, "-m", "jobs.tune",
-            *tiny_overrides(tune_shards, storage, None, *TRIAL, "scaling.num_workers=1", f"train.max_steps={steps}",
-                            "train.ckpt_every=4", "train.log_every=4", "run.trial_driver_resources={driver_pool: 0.01}",
-                            "run.trial_retries=2"), "--objective", "loss",
-            "--space", "optim.lr=0.005", "--name", "spot", "--grace-images", str(steps * BATCH)]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    log = open(tmp_path / "tune.log", "wb")
-    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     replacement = None
     try:
-        def complete_steps():
-            try:
-                return sorted(int(f.rsplit("checkpoint_", 1)[1].split("/")[0]) for f, _ in
-                              list_files(f"{storage}/spot/trials") if f.endswith("/COMPLETE"))
-            except Exception:  # noqa: BLE001 - nothing written yet
-                return []
-        deadline = time.time() + 300
-        while time.time() < deadline and not complete_steps() and p.poll() is None:
-            time.sleep(0.5)
-        saved = complete_steps()
-        assert saved and saved[-1] < steps, (saved, (tmp_path / "tune.log").read_text()[-3000:])
-        # the reclaim: the node and every process on it go; a new node of the same pool comes up
-        ray_cluster.remove_node(victim)
-        replacement = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"driver_pool": 1},
-                                           object_store_memory=200 * 2**20)
-        assert p.wait(timeout=400) == 0, (tmp_path / "tune.log").read_text()[-3000:]
+        # 1. the reclaim, once the first trial has a complete checkpoint and before its last
+        saved = wait_for(complete, p, 300)
+        assert len(saved) == 1, (saved, (tmp_path / "driver1.log").read_text()[-3000:])
+        (first, first_saved), = saved.items()
+        assert max(first_saved) < steps, first_saved
+        ray_cluster.remove_node(victim)  # the node and every process on it go
+        replacement = ray_cluster.add_node(**pool)  # a new node of the same pool comes up
+        # 2. the tune driver killed once the first trial's end is in its saved experiment state, and
+        # a few seconds more: Ray Tune saves its trial list and its searcher's state as separate
+        # files, and a kill between the two uploads left a searcher that had suggested the next
+        # trial beside a trial list without it (the restored search then ended with one trial).
+        # (A relaunched trial whose run is finished reports its last checkpoint's metrics without a
+        # Train run: tested with the exact resume in test_pretrain.py.)
+        assert list(wait_for(lambda: complete(final_only=True), p, 400)) == [first], \
+            (tmp_path / "driver1.log").read_text()[-3000:]
+        fs, root = fsspec_fs(storage)
+
+        def launched_at(t):  # every launch of a trial's run writes its config.yaml
+            return fs.info(f"{root}/resumable/trials/{t}/config.yaml")["LastModified"]
+        first_launch = launched_at(first)
+
+        def recorded_finished():  # trials the driver's saved experiment state has as TERMINATED
+            n = 0
+            for path, _ in list_files(f"{storage}/resumable"):
+                if path.rsplit("/", 1)[-1].startswith("experiment_state") and path.endswith(".json"):
+                    state = json.loads(read_bytes(f"s3://{path}"))
+                    n = max(n, sum(json.loads(t[0]).get("status") == "TERMINATED" for t in state["trial_data"]))
+            return n
+        wait_for(recorded_finished, p, 60)
+        time.sleep(3.0)
+        os.killpg(p.pid, signal.SIGKILL)  # the driver dies in the middle of the search
+        p.wait()
+        log.close()
+        assert recorded_finished() == 1
+        # Started again with the same arguments, here in this process: `mae tune`'s main() as the CLI
+        # runs it. A second interpreter would add only its own start (Ray, Tune, torch and Optuna
+        # imported again, a new Ray job whose worker processes all start cold with the staged code),
+        # which is not what this test is about; the killed driver above was such a process.
+        from jobs.tune import main as tune_main
+        capsys.readouterr()
+        assert tune_main(args[3:]) == 0
+        out = capsys.readouterr().out
+        assert "resuming" in out, out[-3000:]
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         log.close()
         if replacement is not None:
             ray_cluster.remove_node(replacement)
-    import csv
-    import io
-    (row,) = list(csv.DictReader(io.StringIO(read_bytes(f"{storage}/spot/results.csv").decode())))
-    assert not row["error"] and int(row["stopped_at_images"]) == steps * BATCH, row
-    run = f"{storage}/spot/trials/{row['trial']}"
+    done = complete(final_only=True)
+    assert len(done) == 2 and first in done, (first, done)
+    fs.invalidate_cache()
+    assert launched_at(first) == first_launch  # the finished trial was not launched again
+    # The first trial: one history, every step once (nothing twice after the reclaim); its retried
+    # run continued after a checkpoint the lost one completed, not from step 0
+    run = f"{storage}/resumable/trials/{first}"
     logged = [json.loads(x) for x in read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
-    assert [r["step"] for r in logged] == list(range(4, steps + 1, 4))  # every step once: nothing twice
-    # the retried trial continued after a checkpoint the lost one completed, not from step 0
+    assert [r["step"] for r in logged] == list(range(4, steps + 1, 4))
     starts = [r["step"] for r in logged if "time/launch_to_first_log_s" in r]
     assert len(starts) == 2 and starts[0] == 4 and starts[1] > 4, starts
-    assert starts[1] - 4 >= saved[-1], (starts, saved)
+    assert starts[1] - 4 >= min(first_saved), (starts, first_saved)
     assert [c["step"] for c in list_checkpoints(run) if c["complete"]][-1] == steps
+    import csv
+    import io
+    rows = list(csv.DictReader(io.StringIO(read_bytes(f"{storage}/resumable/results.csv").decode())))
+    assert len(rows) == 2 and all(not row["error"] for row in rows)
+    for row in rows:  # every trial drew its values from the space, ran its budget and reported the objective
+        assert float(row["model.overrides.mask_ratio"]) in (0.5, 0.75, 0.9)
+        assert int(row["model.overrides.decoder_depth"]) in (1, 2)
+        assert 0.0 <= float(row[OBJECTIVE]) <= 1.0
+        assert int(row["stopped_at_images"]) == steps * BATCH * WORKERS, row

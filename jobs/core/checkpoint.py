@@ -160,18 +160,48 @@ def set_rng_state(s: dict) -> None:
 def write_local(model, optimizer, local_dir: str, *, rank: int, train_state: dict, config_yaml: str) -> None:
     """Collective: every rank writes its DCP shard and RNG state into ``local_dir`` (rank 0 also
     the train state and config). Hashing and upload come after, off the training path."""
-    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local_dir)
+    write_small(local_dir, rank=rank, train_state=train_state, config_yaml=config_yaml)
+
+
+def write_small(local_dir: str, *, rank: int, train_state: dict, config_yaml: str) -> None:
+    """This rank's RNG state (rank 0 also the train state and config) into ``local_dir``."""
+    import torch
     torch.save(rng_state(), os.path.join(local_dir, f"rng_rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(local_dir, "train_state.json"), "w") as f:
             json.dump(train_state, f, indent=1)
         with open(os.path.join(local_dir, "config.yaml"), "w") as f:
             f.write(config_yaml)
+
+
+def make_stager(pin_memory: bool):
+    """A stager that copies a model's and optimizer's state into host memory it keeps and reuses
+    (torch's ``DefaultStager``, synchronous: one save is in flight at a time, so the copy of the
+    last save has been written before the next overwrites it)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    return DefaultStager(StagingOptions(use_pinned_memory=pin_memory, use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=False))
+
+
+def stage(model, optimizer, stager) -> dict:
+    """On the training path: this rank's part of the state (its shards under FSDP2/HSDP), copied
+    to host memory -> the state dict :func:`write_staged` writes later, while training goes on."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return stager.stage({"model": model_sd, "optim": optim_sd})
+
+
+def write_staged(staged: dict, local_dir: str, *, group, world: int) -> None:
+    """Off the training path (an upload thread): the staged state as this rank's DCP shard in
+    ``local_dir``. DCP's planning is collective: on ``group``, a process group of the upload
+    threads only, so that it never meets a collective of the training thread."""
+    import torch.distributed.checkpoint as dcp
+    dcp.save(staged, checkpoint_id=local_dir, process_group=group, no_dist=world == 1)
 
 
 def build_manifest(files_per_rank: list[dict], world_size: int) -> dict:

@@ -1,9 +1,10 @@
 """A worker's side of the checkpoint protocol: pick and load the checkpoint to resume from, save,
 upload, and complete each save (the files themselves: :mod:`jobs.core.checkpoint`).
 
-A save, on every rank: the DCP shard to the node's scratch disk, then Ray Train's upload of it
-(in the background with ``train.async_checkpoint``), then this rank's file list to rank 0 once its
-shard is in storage. Rank 0, holding every rank's list, writes ``manifest.json``, the ``COMPLETE``
+A save, on every rank: with ``train.async_checkpoint`` (the default), a copy of its state in host
+memory on the training path, then in Ray Train's upload thread its DCP shard written from that
+copy to the node's scratch disk, hashed and uploaded; without, the shard written and uploaded on
+the training path. Then this rank's file list to rank 0 once its shard is in storage. Rank 0, holding every rank's list, writes ``manifest.json``, the ``COMPLETE``
 marker and the index, and prunes (:class:`jobs.core.checkpoint.Finalizer`). So a marker never
 precedes the last shard, and a save killed anywhere leaves a checkpoint resume never takes.
 One save is in flight at a time.
@@ -55,6 +56,7 @@ class Checkpointer:
         self.saving: Future | None = None  # this rank's last save, whose upload may still be in flight
         self.aborted = False         # the attempt ended while an upload was in flight
         self.last_stall: float | None = None  # the last save's time on the training path (s)
+        self.stager = None           # train.async_checkpoint: host copies of the state, reused per save
 
     def _broadcast(self, obj):
         box = [obj if self.rank == 0 else None]
@@ -109,13 +111,22 @@ class Checkpointer:
             self.run.rm([f"{name}/{ckpt.MARKER}"])
             entry = {"name": name, "step": step, "complete": True, "metrics": metrics, "time": state["time"]}
         self.saving = Future()
-        ckpt.write_local(model, opt, local, rank=self.rank, train_state=state, config_yaml=self.config_yaml)
         background = self.cfg.train.async_checkpoint
+        staged = None
+        if background:  # on the training path: a copy of the state in host memory, and small files
+            if self.stager is None:
+                import torch
+                self.stager = ckpt.make_stager(pin_memory=torch.cuda.is_available())
+            staged = ckpt.stage(model, opt, self.stager)
+            ckpt.write_small(local, rank=self.rank, train_state=state, config_yaml=self.config_yaml)
+        else:
+            ckpt.write_local(model, opt, local, rank=self.rank, train_state=state, config_yaml=self.config_yaml)
         ray.train.report({**metrics, "checkpoint_step": step}, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=name,
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
                          checkpoint_upload_fn=functools.partial(self._upload, local=local, step=step, entry=entry,
-                                                                done=self.saving, before_marker=before_marker),
+                                                                done=self.saving, before_marker=before_marker,
+                                                                staged=staged),
                          delete_local_checkpoint_after_upload=False)  # _upload removes it
         self.last_stall = time.perf_counter() - t0
         if self.rank == 0:
@@ -123,7 +134,7 @@ class Checkpointer:
                 f"({self.last_stall:.2f}s on the training path)")
 
     def _upload(self, checkpoint, dir_name: str, *, local: str, step: int, entry: dict | None, done: Future,
-                before_marker=None):
+                before_marker=None, staged: dict | None = None):
         """Ray Train's upload of this rank's files (its upload thread with ``async_checkpoint``),
         then: this rank's file list to rank 0, whose finalizer completes the checkpoint.
 
@@ -131,6 +142,8 @@ class Checkpointer:
         nothing raised here may look retryable to Ray's own retry of a checkpoint upload: transient
         storage errors are retried here, before the gather."""
         try:
+            if staged is not None:  # the shard written from its host copy, here, off the training path
+                ckpt.write_staged(staged, local, group=self.upload_group, world=self.world)
             files = ckpt.file_manifest(local)  # hashed here, off the training path
             if self.faults is not None and self.faults.crash_in_upload_of(step):
                 kill_victim(self.run, self.rank, self.world, f"uploading checkpoint {step}")  # its shard never lands

@@ -82,7 +82,7 @@ class Trainer:
         self.run = Store(plan.run_dir)
         self.stream = plan.stream
         self.step, self.lr = 0, 0.0
-        self.segment: int | None = None  # a segmented stream's newest segment opened (pipeline.segments)
+        self.segment: int | None = None  # a segmented stream's segment being consumed (pipeline.segments)
         self.saved_metrics: dict = {}  # the resumed checkpoint's metrics
         self.scratch = attempt_scratch()  # and the dead attempts' scratch on this node goes
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
@@ -217,7 +217,7 @@ class Trainer:
                               rows_per_epoch=self.stream.rows_per_epoch, model=self.model, opt=self.opt)
         if self.ckpt.last_stall is not None:  # the last save's time on the training path
             m["time/checkpoint_stall_s"], self.ckpt.last_stall = self.ckpt.last_stall, None
-        if self.segment is not None:  # a segmented stream: the newest segment this rank has opened
+        if self.segment is not None:  # a segmented stream: the segment this rank's batches come from
             m["data/segment"] = self.segment
         if not self.first_log_done:
             m["time/launch_to_first_log_s"] = time.time() - self.plan.t_launch
@@ -392,7 +392,6 @@ class Trainer:
         seg = Segments(self.plan.segment_epochs, self.stream.rows_per_epoch, self.world)
 
         def open_segment(s: int):
-            self.segment = s
             if self.rank == 0:  # before this rank joins the slot's start: the execution reads it
                 import ray
                 ray.get(self.plan.position.set_segment.remote(s % 2, s))
@@ -400,10 +399,12 @@ class Trainer:
                          f"streamed by {SLOTS[s % 2]}")
             salt = {"local_shuffle_seed": kw["local_shuffle_seed"] + 104_729 * s} if "local_shuffle_seed" in kw else {}
             return batches_of(shards[s % 2], drop_last=False, **salt)
-        lookahead = max(8 * self.cfg.train.batch_size * max(1, self.cfg.data.prefetch_batches),
-                        4 * self.cfg.data.rows_per_unit)
+        # the next segment opens ~30 s of training before the seam (or 4 read units ahead): its
+        # execution's start and first units are ready by then; until the seam its output waits,
+        # bounded by Ray Data's backpressure
         return segment_batches(open_segment, seg, start_image=self.step * self.global_batch,
-                               batch_size=self.cfg.train.batch_size, lookahead_rows=lookahead)
+                               batch_size=self.cfg.train.batch_size, lookahead_rows=4 * self.cfg.data.rows_per_unit,
+                               lookahead_s=30.0, on_enter=lambda s: setattr(self, "segment", s))
 
     def close(self, ok: bool) -> None:
         """End of the attempt: the last save completes and the last metrics go up (after a clean
