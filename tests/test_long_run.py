@@ -47,7 +47,10 @@ def per_checkpoint_requests(reqs, bucket: str, run_key: str) -> dict[int, Counte
         # TensorBoard's files are synced from a thread of their own at log cadence (not part of a
         # save), and the reconstruction pictures at picture steps: neither is a checkpoint's cost
         log_files = "/tb/" in r.path or "/pictures/" in r.path or r.path.endswith("/reconstruction_latest.png")
-        if (in_run or bulk_delete) and not r.path.endswith(RAY_OWN) and not log_files:
+        # Each rank's upload first puts the run directory's own marker (an idempotent mkdir); which
+        # save it falls in by time depends on which rank's upload starts first: left out
+        run_marker = r.path == prefix + "/"
+        if (in_run or bulk_delete) and not r.path.endswith(RAY_OWN) and not log_files and not run_marker:
             mine.append(r)
     starts: dict[int, float] = {}
     for r in mine:
