@@ -84,6 +84,29 @@ def mae(*args, token=None, home=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def mae_here(*args, token=None):
+    """The same `mae` command line run in this process (its main(), as the console script calls
+    it): for the inspecting commands after a job, which need no interpreter of their own; the
+    submissions and the refused ones above run as a user runs them. -> CompletedProcess."""
+    import io
+
+    from jobs.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.pop(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH") if k in os.environ}
+    if token:
+        os.environ["RAY_AUTH_TOKEN"] = token
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["mae", *args], code, out.getvalue(), err.getvalue())
+
+
 @contextlib.contextmanager
 def job_client(head):
     """The project's job client for the head, in this process, with the head's token (only while in use)."""
@@ -143,13 +166,13 @@ def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, lab
     assert "SUCCEEDED" in r.stderr
 
     # the job list, status and logs
-    r = mae("jobs", "--address", head.address, "list", token=head.token)
+    r = mae_here("jobs", "--address", head.address, "list", token=head.token)
     assert r.returncode == 0
     rows = [line.split() for line in r.stdout.splitlines()[1:]]
     assert [row[1] for row in rows].count("SUCCEEDED") == 2 and sid in {row[0] for row in rows}
-    r = mae("jobs", "--address", head.address, "status", sid, token=head.token)
+    r = mae_here("jobs", "--address", head.address, "status", sid, token=head.token)
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout
-    r = mae("jobs", "--address", head.address, "logs", sid, token=head.token)
+    r = mae_here("jobs", "--address", head.address, "logs", sid, token=head.token)
     assert r.returncode == 0 and "[mae] checkpoint" in r.stdout
 
     # credentials stayed out of the job's environment; the endpoint went in
@@ -162,16 +185,16 @@ def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, lab
 
     # checkpoints out of object storage
     run = f"{runs}/submitted"
-    r = mae("ckpt", "list", run)
+    r = mae_here("ckpt", "list", run)
     assert r.returncode == 0, r.stderr
     states = {line.split()[0]: line.split()[2] for line in r.stdout.splitlines()[1:]}
     assert states == {"checkpoint_00000004": "complete", "checkpoint_00000008": "complete"}
-    r = mae("ckpt", "pull", run, "--latest", "--quiet", str(tmp_path / "pulled"))
+    r = mae_here("ckpt", "pull", run, "--latest", "--quiet", str(tmp_path / "pulled"))
     assert r.returncode == 0, r.stderr
     local = r.stdout.strip()
     assert local.endswith("checkpoint_00000008") and os.path.exists(os.path.join(local, "COMPLETE"))
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(local))  # both ranks' shards
-    r = mae("ckpt", "export", local, str(tmp_path / "enc"), "--format", "timm")
+    r = mae_here("ckpt", "export", local, str(tmp_path / "enc"), "--format", "timm")
     assert r.returncode == 0, r.stderr
     from safetensors.torch import load_file
     sd = load_file(r.stdout.strip())
@@ -180,7 +203,7 @@ def test_submit_prepare_and_pretrain_then_list_pull_export(head, s3, bucket, lab
     # a shard missing on the store is caught on pull, in one line, naming the file
     p = f"{bucket}/submit/runs/submitted/checkpoint_00000004/__1_0.distcp"
     fs.rm(p)
-    r = mae("ckpt", "pull", run, "--step", "4", "--quiet", str(tmp_path / "p2"))
+    r = mae_here("ckpt", "pull", run, "--step", "4", "--quiet", str(tmp_path / "p2"))
     assert r.returncode == 2 and "__1_0.distcp" in r.stderr and "missing" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
