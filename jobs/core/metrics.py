@@ -213,10 +213,7 @@ class MetricsLogger:
         # has no metrics.jsonl yet: syncing nothing must not replace the run's real error.
         if os.path.exists(self.jsonl):
             self.run.put(self.jsonl, "metrics.jsonl")
-        tb = os.path.join(self.local_dir, "tb")
-        if os.path.isdir(tb):
-            for fn in os.listdir(tb):
-                self.run.put(os.path.join(tb, fn), f"tb/{fn}")
+        self.sync_tb()
 
     def snapshot(self):
         """The metrics log as it is now (read here, on the training thread: a few KB to MB of
