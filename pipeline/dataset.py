@@ -335,7 +335,17 @@ def _dataset(cfg: DataConfig, info: SourceInfo, units: list[dict], stream: Strea
                            decode_batch_size=cfg.decode_batch_size, stats=stats, position=position,
                            read_retries=cfg.read_retries, output_block_rows=cfg.output_block_rows,
                            tcfg=cfg.transform(), seed=cfg.seed, class_index=class_index, mode=cfg.decode)
-    return ds.map_batches(fn, batch_size=1, batch_format="numpy", **decode_task_args(cfg))
+    ds = ds.map_batches(fn, batch_size=1, batch_format="numpy", **decode_task_args(cfg))
+    if cfg.deterministic:
+        # Ray Train's split hands each block to the worker with the fewest rows so far (in order
+        # under preserve_order). With one image per block that is a round robin from the
+        # execution's start, the same from image 0 as from a resume position (a multiple of the
+        # global batch), so each rank of a resumed run gets the images it had: the images consumed
+        # are a prefix of the stream. With a read unit per block (Ray Data joins a task's small
+        # outputs), a rank runs ahead of the others by up to a unit, and a multi-worker resume
+        # at "images consumed" would skip some images and repeat others.
+        ds = ds.repartition(target_num_rows_per_block=1)
+    return ds
 
 
 def decode_task_args(cfg: DataConfig) -> dict:
