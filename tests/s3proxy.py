@@ -1,11 +1,13 @@
 """A counting layer in front of the tests' S3 server, on 127.0.0.1: every request is forwarded as
 it came (headers, signature and body unchanged) and recorded (method, path, query, status, bytes),
 so that tests can count what the code asks of object storage. ``fail_next`` makes it answer the
-next GETs of a key prefix with an error, as a throttling or flaky store does."""
+next GETs of a key prefix with an error, as a throttling or flaky store does; ``flaky`` makes it
+answer a share of every kind of request with a throttling or server error, at random."""
 
 from __future__ import annotations
 
 import http.client
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ class CountingProxy:
         self.upstream_port = upstream_port
         self.requests: list[Request] = []
         self.faults: list[list] = []  # [path prefix, GETs left to fail, status]
+        self.flaky_rate, self.flaky_rng = 0.0, random.Random(0)  # a share of all requests refused
         self.lock = threading.Lock()
         proxy = self
 
@@ -55,9 +58,14 @@ class CountingProxy:
                 return self.rfile.read(n) if n else b""
 
             def _fault(self) -> int | None:
+                path = unquote(urlsplit(self.path).path)
+                with proxy.lock:
+                    if proxy.flaky_rate and proxy.flaky_rng.random() < proxy.flaky_rate:
+                        status = proxy.flaky_rng.choice((503, 500))  # throttled, or a server error
+                        proxy.requests.append(Request(time.time(), self.command, path, "", status, 0, 0))
+                        return status
                 if self.command != "GET":
                     return None
-                path = unquote(urlsplit(self.path).path)
                 with proxy.lock:
                     for f in proxy.faults:
                         if f[1] > 0 and path.startswith(f[0]):
@@ -74,9 +82,10 @@ class CountingProxy:
                     msg = b"<Error><Code>" + code + b"</Code><Message>injected by the test proxy</Message></Error>"
                     self.send_response_only(status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(msg)))
+                    self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(msg)))
                     self.end_headers()
-                    self.wfile.write(msg)
+                    if self.command != "HEAD":
+                        self.wfile.write(msg)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 if body or self.command in ("PUT", "POST"):
@@ -134,9 +143,16 @@ class CountingProxy:
         with self.lock:
             self.faults.append([prefix, times, status])
 
+    def flaky(self, rate: float, seed: int = 0) -> None:
+        """Answer a share ``rate`` of all requests (any method, any key; 0: none) with 503 SlowDown
+        or 500 InternalError, drawn at random from ``seed``, as an overloaded store does."""
+        with self.lock:
+            self.flaky_rate, self.flaky_rng = rate, random.Random(seed)
+
     def clear_faults(self) -> None:
         with self.lock:
             self.faults.clear()
+            self.flaky_rate = 0.0
 
     def stop(self) -> None:
         self.server.shutdown()

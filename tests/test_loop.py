@@ -130,3 +130,17 @@ def test_a_tracker_that_raises_is_reported_once_and_never_holds_the_caller(tmp_p
     assert Slow.calls == 1 + 49 + 1  # start, every step, close
     state = json.loads((tmp_path / "run" / "tracking.json").read_text())
     assert "raising" in state["failed"]
+
+
+def test_a_non_finite_loss_names_its_step_and_how_to_go_past_it():
+    """The official code stops at a non-finite loss with "Loss is nan, stopping training"; ours also
+    says where (the first bad step), what a relaunch resumes from, and a change to make."""
+    from jobs.core.trainer import nonfinite_message
+    optim = load(None, ["data.source=/x", "optim.base_lr=1e-3"]).optim
+    line = nonfinite_message(37, float("nan"), 2.5e-4, optim, last_step=30)
+    assert "\n" not in line and "at step 37" in line and "loss nan" in line
+    assert "resumes from checkpoint_00000030 (step 30)" in line and "optim.base_lr=0.0005" in line
+    assert "same run.name and run.storage_path" in line
+    absolute = load(None, ["data.source=/x", "optim.lr=0.02"]).optim
+    line = nonfinite_message(3, float("inf"), 0.02, absolute, last_step=0)
+    assert "starts again from step 0" in line and "optim.lr=0.01" in line

@@ -19,7 +19,7 @@ from jobs.core import checkpoint as ckpt
 from jobs.core.faults import ENV as FAULTS_ENV
 from jobs.core.launch import fit, run_dir_of
 from pipeline.prepare import PrepareConfig, prepare
-from pipeline.storage import fsspec_fs, list_files, read_bytes
+from pipeline.storage import Store, fsspec_fs, list_files, read_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -71,14 +71,19 @@ def reports_in(path):
         return [json.loads(x) for x in f]
 
 
+TINY = ("train.max_steps=16", "train.ckpt_every=8", "scaling.strategy=fsdp", "train.precision=fp32",
+        "scaling.placement_strategy=SPREAD",  # the default, PACK, would put both on one node
+        "data.deterministic=true")  # the chaos run below ends with its weights
+"""The numerics of the tiny run: 2 workers, FSDP2, fp32, 16 steps, checkpoints at 8 and 16."""
+
+
 @pytest.fixture(scope="module")
 def tiny(shards, bucket, tmp_path_factory):
     """The 2-worker FSDP2 run on 2 nodes (16 steps, checkpoints at 8 and 16): asserted on by the
-    next test, and the weights the own-disk node's run starts from. Logged to W&B (offline: the
+    next test, the undisturbed run of the chaos run, and the weights the own-disk node's run
+    starts from. Logged to W&B (offline: the
     test cluster's environment says WANDB_MODE=offline) and to a tracker that raises on every call."""
-    cfg = config(shards, bucket, "tiny", "train.max_steps=16", "train.ckpt_every=8", "scaling.strategy=fsdp",
-                 "scaling.placement_strategy=SPREAD",  # the default, PACK, would put both on one node
-                 "track.wandb=true", "track.sync_every_s=0")  # TensorBoard synced at every log step
+    cfg = config(shards, bucket, "tiny", *TINY, "track.wandb=true", "track.sync_every_s=0")  # TB synced at every log
     counter = str(tmp_path_factory.mktemp("tiny") / "reports.jsonl")
     before, earlier, controllers = scratch_dirs(), actors("RayTrainWorker"), actors("TrainController")
     sigint = signal.getsignal(signal.SIGINT)
@@ -155,7 +160,6 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     # and the run's pipeline counters and stream-position actors with the run (a driver running
     # many fits kept them per run)
     from pipeline.stats import _actor_name
-    from pipeline.storage import Store
     from pipeline.stream import _position_name
     from ray.util.state import list_actors
     for name in (_actor_name(str(Store(run))), _position_name(str(Store(run)))):
@@ -228,6 +232,81 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     assert done.checkpoint.path.endswith("exact-resumed/checkpoint_00000016")
     assert set(actors("RayTrainWorker")) == earlier
     assert len(metrics_of(again)) == len(m)  # no step was run again
+
+
+def final_state(run: str, tmp_path, name: str) -> dict:
+    """The run's newest complete checkpoint as one torch state dict (model, optimizer, step): read
+    with torch's own DCP tools from the directory as stored."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    fs, _ = fsspec_fs(run)
+    raw = tmp_path / name
+    fs.get(ckpt.latest_complete(run)["uri"][5:] + "/", str(raw) + "/", recursive=True)
+    dcp_to_torch_save(str(raw), str(tmp_path / f"{name}.pt"))
+    return torch.load(str(tmp_path / f"{name}.pt"), weights_only=True)
+
+
+def unequal(a, b, at: str = "") -> list[str]:
+    """The paths where the nested states ``a`` and ``b`` differ (tensors compared bit for bit)."""
+    import torch
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{at}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in unequal(a[k], b[k], f"{at}/{k}")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) else [at]
+    return [] if a == b else [at]
+
+
+def test_a_chaos_run_ends_with_the_undisturbed_runs_weights(tiny, shards, bucket, ray_cluster, s3, tmp_path):
+    """The tiny run again (2 workers, FSDP2, fp32, deterministic data) on 3 nodes, as a chaos run:
+    a worker SIGKILLed at 5 random steps, 2 of them inside the upload of a checkpoint (8 and 16),
+    while the bucket answers 10% of all requests with 503 SlowDown or 500. It ends with the
+    undisturbed run's weights and optimizer state bit for bit (no image lost or seen twice, no
+    step applied twice), with every step once in its history and the same losses, and every
+    checkpoint listed complete is complete."""
+    import random
+    seed = int(os.environ.get("MAE_CHAOS_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    kills = [[8, "upload"], [16, "upload"]] + [[s, "step"] for s in rng.sample([*range(1, 8), *range(9, 16)], 3)]
+    print(f"chaos seed {seed} (MAE_CHAOS_SEED reproduces it): kills {sorted(kills)}")
+    third = ray_cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=200 * 2**20)
+    try:
+        # every failure but the kills fails the run (each kill is one; two may strike one attempt)
+        chaos = config(shards, bucket, "chaos", *TINY, "run.max_failures=5")
+        earlier = set(actors("RayTrainWorker"))
+        mark = s3.proxy.mark()
+        os.environ[FAULTS_ENV] = json.dumps({"kills": kills})
+        s3.proxy.flaky(0.10, seed=seed)
+        try:
+            assert fit(chaos)[0].error is None
+        finally:
+            s3.proxy.clear_faults()
+            del os.environ[FAULTS_ENV]
+        nodes = {n for a, n in actors("RayTrainWorker").items() if a not in earlier}
+    finally:
+        ray_cluster.remove_node(third)
+    reqs = s3.proxy.since(mark)
+    refused = sum(r.status in (500, 503) for r in reqs)
+    print(f"{refused} of {len(reqs)} requests refused; workers on {len(nodes)} nodes")
+    assert refused >= 0.05 * len(reqs) and {r.method for r in reqs if r.status in (500, 503)} >= {"GET", "PUT"}
+    run = run_dir_of(chaos)
+    assert {p.rsplit("/", 1)[-1] for p, _ in list_files(run) if "/crash_injected_" in p} == \
+        {f"crash_injected_{s}" for s, _ in kills}  # every kill struck
+    m, calm = metrics_of(chaos), metrics_of(tiny["cfg"])
+    assert [r["step"] for r in m] == list(range(1, 17))  # every step once in its history
+    assert [r["loss"] for r in m] == [r["loss"] for r in calm]
+    assert unequal(final_state(run, tmp_path, "chaos"), final_state(run_dir_of(tiny["cfg"]), tmp_path, "calm")) == []
+    fs, _ = fsspec_fs(run)
+    listed = [c for c in ckpt.list_checkpoints(run) if c["complete"]]  # by marker, as `mae ckpt list`
+    assert [c["step"] for c in listed] == [8, 16]
+    indexed = {e["name"] for e in ckpt.read_index(Store(run)) if e.get("complete")}  # by the run's index
+    assert indexed == {c["name"] for c in listed}
+    for c in listed:  # complete: every file its manifest names is stored, at its size
+        man = json.loads(read_bytes(f"{c['uri']}/manifest.json"))
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "rng_rank0.pt", "rng_rank1.pt"} <= set(man["files"])
+        for name, info in man["files"].items():
+            assert fs.size(f"{c['uri'][5:]}/{name}") == info["size"], (c["name"], name)
 
 
 def reclaim_mid_run(cluster, victim, cfg, resources: dict) -> int:

@@ -175,6 +175,8 @@ def test_search_objective_asha_cuts_the_bad_trial_and_best_config(tune_shards, b
     # the absurd trial: ended by the non-finite-loss guard
     absurd = by_lr[1000.0]
     assert absurd["error"] and "non-finite loss" in absurd["error"] and absurd["stopped_at_images"] < BUDGET
+    # its line says how to go past it: it stopped before its first checkpoint, at its first report
+    assert "optim.lr=500," in absurd["error"] and "starts again from step 0" in absurd["error"], absurd["error"]
     # each trial's checkpoint column is the URI of its run's newest complete checkpoint
     assert by_lr[0.005]["checkpoint"].endswith(f"/trials/{by_lr[0.005]['trial']}/checkpoint_{STEPS:08d}")
     # The cut trial's Train run learns of the stop at its next report (the controller finds the

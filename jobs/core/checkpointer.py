@@ -57,6 +57,8 @@ class Checkpointer:
         self.aborted = False         # the attempt ended while an upload was in flight
         self.last_stall: float | None = None  # the last save's time on the training path (s)
         self.stager = None           # train.async_checkpoint: host copies of the state, reused per save
+        self.last_step = 0           # the step of the newest checkpoint known complete (resumed or waited for)
+        self.saving_step = 0         # the step of the save in ``saving``
 
     def _broadcast(self, obj):
         box = [obj if self.rank == 0 else None]
@@ -83,6 +85,7 @@ class Checkpointer:
             raise RuntimeError(f"resume: global batch {self.global_batch} != saved {st['global_batch']}")
         restored = ckpt.load_into(model, opt, Store(choice["uri"]), rank=self.rank,
                                   restore_rng=st.get("world_size") == self.world, group=self.cpu_group)
+        self.last_step = st["step"]
         return Resumed(uri=choice["uri"], step=st["step"], metrics=st.get("metrics") or {},
                        world_size=st["world_size"], restored_rng=bool(restored))
 
@@ -110,7 +113,7 @@ class Checkpointer:
             # complete once new files start landing in it.
             self.run.rm([f"{name}/{ckpt.MARKER}"])
             entry = {"name": name, "step": step, "complete": True, "metrics": metrics, "time": state["time"]}
-        self.saving = Future()
+        self.saving, self.saving_step = Future(), step
         background = self.cfg.train.async_checkpoint
         staged = None
         if background:  # on the training path: a copy of the state in host memory, and small files
@@ -145,8 +148,10 @@ class Checkpointer:
             if staged is not None:  # the shard written from its host copy, here, off the training path
                 ckpt.write_staged(staged, local, group=self.upload_group, world=self.world)
             files = ckpt.file_manifest(local)  # hashed here, off the training path
-            if self.faults is not None and self.faults.crash_in_upload_of(step):
-                kill_victim(self.run, self.rank, self.world, f"uploading checkpoint {step}")  # its shard never lands
+            if self.faults is not None:  # test-only: this rank dies before its shard lands
+                if self.faults.crash_in_upload_of(step):
+                    kill_victim(self.run, self.rank, self.world, f"uploading checkpoint {step}")
+                self.faults.kill_at(step, "upload", self.run, self.rank, self.world)
             persisted = self._persist(checkpoint, dir_name)
             # removed here, not by Ray after this returns: the end of the attempt (which waits for
             # ``done``) removes the whole scratch directory, and the two deletes raced
@@ -197,6 +202,7 @@ class Checkpointer:
         if self.saving is not None:
             saving, self.saving = self.saving, None
             saving.result()
+            self.last_step = self.saving_step
 
     def close(self, ok: bool) -> None:
         """End of the attempt: after a clean end, the last save is waited for (rank 0: complete;

@@ -6,11 +6,14 @@ around one ``fit`` call. Keys:
 
 - ``crash_at_step`` with ``crash_in_upload``: SIGKILL rank 1 inside its upload of the checkpoint
   of that step, before its shard lands (a worker lost mid-save);
+- ``kills``: ``[[step, "step" | "upload"], ...]``: SIGKILL rank ``step % world`` right after that
+  training step, or inside its upload of that step's checkpoint; each once per run (a chaos run);
 - ``stop_after_steps``: return cleanly after this many steps of the attempt (a stopped job);
 - ``step_sleep_s``: sleep this long after every step (a slow run, for events that must land mid-run);
 - ``raising_tracker``: rank 0 logs to one more tracker, whose every call raises.
 
-"Once" is per run: the victim leaves ``crash_injected`` in the run directory before it dies.
+"Once" is per run: the victim leaves ``crash_injected`` (``crash_injected_<step>`` for ``kills``)
+in the run directory before it dies.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ MARK = "crash_injected"
 class Faults:
     crash_at_step: int = -1
     crash_in_upload: bool = False
+    kills: tuple = ()
     stop_after_steps: int = -1
     step_sleep_s: float = 0.0
     raising_tracker: bool = False
@@ -41,18 +45,29 @@ class Faults:
         known = {f.name for f in fields(cls)}
         if set(d) - known:
             raise ValueError(f"{ENV}: unknown key(s) {sorted(set(d) - known)}; known: {sorted(known)}")
+        if "kills" in d:
+            d["kills"] = tuple((int(step), where) for step, where in d["kills"])
+            if any(where not in ("step", "upload") for _, where in d["kills"]):
+                raise ValueError(f"{ENV}: kills are [step, 'step' | 'upload'] pairs, not {d['kills']}")
         return cls(**d)
 
     def crash_in_upload_of(self, step: int) -> bool:
         return self.crash_in_upload and self.crash_at_step == step
 
+    def kill_at(self, step: int, where: str, run, rank: int, world: int) -> None:
+        """``kills``: SIGKILL this rank here if it is the step's victim and the kill has not happened."""
+        if (step, where) in self.kills and rank == step % world:
+            kill_victim(run, rank, world, f"after step {step}" if where == "step" else f"uploading checkpoint {step}",
+                        mark=f"{MARK}_{step}")
 
-def kill_victim(run, rank: int, world: int, when: str) -> None:
-    """SIGKILL rank 1 (rank 0 of a one-worker run) once per run; every other rank returns."""
+
+def kill_victim(run, rank: int, world: int, when: str, mark: str = MARK) -> None:
+    """SIGKILL rank 1 (rank 0 of a one-worker run) once per run (once per ``mark``: a ``kills``
+    victim is chosen by the caller); every other rank returns."""
     from jobs.core.common import say
-    if rank != min(1, world - 1) or run.exists(MARK):
+    if (mark == MARK and rank != min(1, world - 1)) or run.exists(mark):
         return
-    run.write(MARK, b"1")
+    run.write(mark, b"1")
     say(f"[mae] test fault: SIGKILL rank {rank} (pid {os.getpid()}) {when}")
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.core.build import agree_strategy, build_model
+from jobs.core.checkpoint import ckpt_name
 from jobs.core.checkpointer import Checkpointer
 from jobs.core.common import attempt_scratch, say, sweep_scratch
 from jobs.core.config import PretrainConfig
@@ -40,6 +41,18 @@ from pipeline.dataset import iter_kwargs
 from pipeline.storage import Store
 
 warnings.filterwarnings("ignore", message=".*DTensor random operators.*")
+
+
+def nonfinite_message(step: int, loss: float, lr: float, optim, last_step: int) -> str:
+    """The one line of a run stopped by a non-finite loss at ``step``: where, and how to go past it
+    (``last_step``: the newest complete checkpoint, the one a relaunch resumes from; 0: none)."""
+    lower = f"optim.lr={optim.lr / 2:.3g}" if optim.lr > 0 else f"optim.base_lr={optim.base_lr / 2:.3g}"
+    since = (f"resumes from {ckpt_name(last_step)} (step {last_step})" if last_step
+             else "starts again from step 0 (no checkpoint yet)")
+    return (f"non-finite loss or gradients at step {step} (window loss {loss:.4g}, lr {lr:.3g}): the update was not "
+            f"applied and the run stopped; to go past it, run the same job again (same run.name and "
+            f"run.storage_path) with e.g. {lower}, optim.clip_grad=1.0, a longer warmup or train.precision=fp32: "
+            f"it {since}")
 
 
 class DataExhausted(RuntimeError):
@@ -225,15 +238,15 @@ class Trainer:
         return m
 
     def check_finite(self, m: dict) -> bool:
-        """The window's steps were all finite; else the run stops here, before any checkpoint (the
-        non-finite steps were never applied: the weights are those of the last good step)."""
+        """The window's steps were all finite; else the run stops here, as the official code does
+        (the non-finite steps were never applied: the weights are those of the last good step).
+        The line names the step, the checkpoint a relaunch resumes from, and what to change."""
         if math.isfinite(m["loss"]) and not m["_skipped"]:
             return True
         at = m["_first_bad"] or self.step
-        msg = (f"non-finite loss or gradients at step {at} (window loss {m['loss']:.4g}), lr {self.lr:.3g}: the update "
-               "was not applied and no checkpoint written; "
-               "try a lower optim.base_lr, optim.clip_grad=1.0, a longer warmup, or fp32 "
-               "(train.precision=fp32); resume restarts from the last good checkpoint")
+        with contextlib.suppress(Exception):  # a failed save is not complete: the last complete one is named
+            self.ckpt.wait()  # every rank: a save in flight completes, so the line names what is stored
+        msg = nonfinite_message(at, m["loss"], self.lr, self.cfg.optim, self.ckpt.last_step)
         if self.rank == 0:
             self.run.write("FAILED.json", json.dumps({"error": msg, "step": self.step}).encode())
             say(f"[mae] {msg}")
@@ -284,7 +297,6 @@ class Trainer:
                        before_marker=self.logger.snapshot() if self.rank == 0 else None)
         self.last_report = time.monotonic()
         if self.rank == 0:
-            from jobs.core.checkpoint import ckpt_name
             self.tracking.reference("checkpoint_latest", self.run.uri_of(ckpt_name(self.step)))
 
     def picture(self) -> None:
@@ -325,10 +337,13 @@ class Trainer:
         return True
 
     def inject_faults(self) -> None:
-        """Test-only (:mod:`jobs.core.faults`): a slow step, for events that must land mid-run."""
+        """Test-only (:mod:`jobs.core.faults`): a slow step, for events that must land mid-run; a
+        worker SIGKILLed after this step."""
         f = self.plan.faults
-        if f is not None and f.step_sleep_s:
-            time.sleep(f.step_sleep_s)
+        if f is not None:
+            if f.step_sleep_s:
+                time.sleep(f.step_sleep_s)
+            f.kill_at(self.step, "step", self.run, self.rank, self.world)
 
     # ------------------------------------------------------------------ the loop
     def begin(self) -> Cadence | None:
