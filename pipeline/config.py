@@ -45,8 +45,9 @@ class DataConfig:
     prefetch_batches: int = _f(4, "batches prefetched by each training worker's iterator")
     reduced_decode: bool = _f(True, "JPEG DCT-scaled decode when the crop allows it")
     max_pixels: int = _f(DEFAULT_MAX_PIXELS, "skip images with more pixels (decompression bombs)")
-    deterministic: bool = _f(False, "preserve order, no shuffles, one image per block: a resumed run, on any "
-                                    "number of workers, trains on what the uninterrupted one did")
+    deterministic: bool = _f(False, "preserve order, no shuffles, one image per block (slower: for comparisons): "
+                                    "a resumed run, on any number of workers, trains on what the "
+                                    "uninterrupted one did")
     decode: str = _f("cpu", "cpu: decode tasks ship patches | gpu: they ship JPEG bytes + crop boxes and the "
                             "training worker decodes on its device (pipeline.gpu_decode)")
     output_block_rows: int = _f(256, "rows per output block (fewer calls into the split coordinator)")

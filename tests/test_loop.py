@@ -137,10 +137,13 @@ def test_a_non_finite_loss_names_its_step_and_how_to_go_past_it():
     says where (the first bad step), what a relaunch resumes from, and a change to make."""
     from jobs.core.trainer import nonfinite_message
     optim = load(None, ["data.source=/x", "optim.base_lr=1e-3"]).optim
-    line = nonfinite_message(37, float("nan"), 2.5e-4, optim, last_step=30)
+    line = nonfinite_message(37, float("nan"), 2.5e-4, optim, last_step=30, peak=1e-3)
     assert "\n" not in line and "at step 37" in line and "loss nan" in line
     assert "resumes from checkpoint_00000030 (step 30)" in line and "optim.base_lr=0.0005" in line
     assert "same run.name and run.storage_path" in line
     absolute = load(None, ["data.source=/x", "optim.lr=0.02"]).optim
-    line = nonfinite_message(3, float("inf"), 0.02, absolute, last_step=0)
+    line = nonfinite_message(3, float("inf"), 0.02, absolute, last_step=0, peak=0.02)
     assert "starts again from step 0" in line and "optim.lr=0.01" in line
+    from jobs.core.finetune_config import FinetuneOptim
+    recipe = FinetuneOptim()  # base_lr -1: the recipe's (filled in when the config is validated)
+    assert recipe.base_lr < 0 and "optim.lr=0.0004" in nonfinite_message(9, float("nan"), 8e-4, recipe, 0, peak=8e-4)

@@ -12,7 +12,7 @@ around one ``fit`` call. Keys:
 - ``step_sleep_s``: sleep this long after every step (a slow run, for events that must land mid-run);
 - ``raising_tracker``: rank 0 logs to one more tracker, whose every call raises.
 
-"Once" is per run: the victim leaves ``crash_injected`` (``crash_injected_<step>`` for ``kills``)
+"Once" is per run: the victim leaves ``crash_injected`` (``crash_injected_<where>_<step>`` for ``kills``)
 in the run directory before it dies.
 """
 
@@ -58,7 +58,7 @@ class Faults:
         """``kills``: SIGKILL this rank here if it is the step's victim and the kill has not happened."""
         if (step, where) in self.kills and rank == step % world:
             kill_victim(run, rank, world, f"after step {step}" if where == "step" else f"uploading checkpoint {step}",
-                        mark=f"{MARK}_{step}")
+                        mark=f"{MARK}_{where}_{step}")
 
 
 def kill_victim(run, rank: int, world: int, when: str, mark: str = MARK) -> None:

@@ -290,7 +290,12 @@ def build_stream(cfg: PretrainConfig, plan: RunPlan, info: SourceInfo, run: Stor
     epochs = math.ceil(max(0, plan.total_steps * plan.global_batch - start) / plan.rows)
     epochs += max(1, math.ceil(0.02 * epochs))
     position = position_actor(run_id=str(run))
-    k = epochs_per_segment(cfg.data.segment_images, plan.rows, epochs)
+    per_segment = cfg.data.segment_images
+    if cfg.data.deterministic and per_segment > 0:
+        # one image per block (pipeline.dataset._dataset): as many blocks per segment as a
+        # shuffled stream's, where a block holds data.output_block_rows images
+        per_segment = max(1, per_segment // cfg.data.output_block_rows)
+    k = epochs_per_segment(per_segment, plan.rows, epochs)
     if not k:
         ds, _, stream = build_dataset(cfg.data, epochs=epochs, start_image=start, run_id=str(run), source=info)
         return {SLOTS[0]: ds}, plan.with_stream(stream, position)

@@ -43,10 +43,14 @@ from pipeline.storage import Store
 warnings.filterwarnings("ignore", message=".*DTensor random operators.*")
 
 
-def nonfinite_message(step: int, loss: float, lr: float, optim, last_step: int) -> str:
+def nonfinite_message(step: int, loss: float, lr: float, optim, last_step: int, peak: float) -> str:
     """The one line of a run stopped by a non-finite loss at ``step``: where, and how to go past it
-    (``last_step``: the newest complete checkpoint, the one a relaunch resumes from; 0: none)."""
-    lower = f"optim.lr={optim.lr / 2:.3g}" if optim.lr > 0 else f"optim.base_lr={optim.base_lr / 2:.3g}"
+    (``last_step``: the newest complete checkpoint, the one a relaunch resumes from, 0: none;
+    ``peak``: the schedule's peak learning rate, whichever field set it)."""
+    if optim.lr <= 0 and optim.base_lr > 0:
+        lower = f"optim.base_lr={optim.base_lr / 2:.3g}"
+    else:  # an absolute lr, or the recipe's (base_lr -1, as fine-tuning's default)
+        lower = f"optim.lr={(optim.lr if optim.lr > 0 else peak) / 2:.3g}"
     since = (f"resumes from {ckpt_name(last_step)} (step {last_step})" if last_step
              else "starts again from step 0 (no checkpoint yet)")
     return (f"non-finite loss or gradients at step {step} (window loss {loss:.4g}, lr {lr:.3g}): the update was not "
@@ -246,7 +250,7 @@ class Trainer:
         at = m["_first_bad"] or self.step
         with contextlib.suppress(Exception):  # a failed save is not complete: the last complete one is named
             self.ckpt.wait()  # every rank: a save in flight completes, so the line names what is stored
-        msg = nonfinite_message(at, m["loss"], self.lr, self.cfg.optim, self.ckpt.last_step)
+        msg = nonfinite_message(at, m["loss"], self.lr, self.cfg.optim, self.ckpt.last_step, self.peak)
         if self.rank == 0:
             self.run.write("FAILED.json", json.dumps({"error": msg, "step": self.step}).encode())
             say(f"[mae] {msg}")
