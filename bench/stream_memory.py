@@ -1,17 +1,18 @@
 """Memory of the stream's processes against blocks streamed: one execution for the whole run
-(``data.segment_images=0``) against segments (the default), side by side in one run.
+(``data.segment_images=0``) against segments, side by side in one run.
 
 Ray Data keeps a record of every block an operator has output for its execution's life; a run's
 stream was one execution, so the process that runs its executor (a run's split coordinator, on the
-head node) grew with the run's length. Here the project's own stream (``pipeline.dataset``) over 320
-tiny images from a local S3 server (SeaweedFS), in its deterministic mode (one image per block, which
-Ray Data does not join into larger blocks: blocks and images are then the same count), is consumed in this
-process, where the executor then runs (a coordinator would add one actor call per block, and only
-that): as one execution, and segment after segment (``pipeline.segments``, the next segment opened
-in the background before the seam). Every ``--every`` blocks, the resident memory (RSS) of this
-process and of Ray Data's stats actor is read from /proc.
+head node) grew with the run's length. Here the project's own stream (``pipeline.dataset``) over
+320 tiny images from a local S3 server (SeaweedFS) is consumed in this process, where the executor
+then runs (a coordinator would add one actor call per block, and only that): as one execution, and
+segment after segment (``pipeline.segments``, the next segment opened in the background before the
+seam). The stream is in its deterministic mode, one image per block, which Ray Data does not join
+into larger blocks: blocks and images are the same count. Every ``--every`` blocks, the resident
+memory (RSS) of this process and of Ray Data's stats actor is read from /proc. The segments run
+second, in the same process: compare the growth, not the levels.
 
-    python -m bench.stream_memory [--blocks 200000] [--segment-epochs 500]
+    python -m bench.stream_memory [--blocks 200000] [--every 20000] [--segment-epochs 50]
 """
 
 from __future__ import annotations
