@@ -1,9 +1,9 @@
 """A long run's stream in segments: the memory of Ray Data's processes flat in the run's length.
 
 Ray Data keeps a record of every block an operator has output for as long as its execution lives
-(``MapOperator._output_blocks_stats``, never trimmed): ~1.5 KiB per block in the split coordinator,
+(``MapOperator._output_blocks_stats``, never trimmed): ~1.7 KiB per block in the split coordinator,
 on the head node. A run streamed as one execution grows it for its whole length (800 ImageNet
-epochs: ~8 million blocks, ~12 GB). So a run longer than ``data.segment_images`` images is
+epochs: ~8 million blocks, ~13 GB; bench/RESULTS.md). So a run longer than ``data.segment_images`` images is
 streamed in segments of that many (in whole epochs), each one execution, which ends and frees its
 records when its last batch has been taken.
 
