@@ -3,9 +3,9 @@
 Ray Data keeps a record of every block an operator has output for as long as its execution lives
 (``MapOperator._output_blocks_stats``, never trimmed): ~1.7 KiB per block in the split coordinator,
 on the head node. A run streamed as one execution grows it for its whole length (800 ImageNet
-epochs: ~8 million blocks, ~13 GB; bench/RESULTS.md). So a run longer than ``data.segment_images`` images is
-streamed in segments of that many (in whole epochs), each one execution, which ends and frees its
-records when its last batch has been taken.
+epochs: ~8 million blocks, ~13 GB; ``bench/RESULTS.md``). So a run longer than
+``data.segment_images`` images is streamed in segments of that many (in whole epochs), each one
+execution, which ends and frees its records when its last batch has been taken.
 
 Two datasets (slots 0 and 1, given to Ray Train as ``train`` and ``train_next``) take the segments
 in turn: segment ``s`` is streamed by slot ``s % 2``, whose epoch expansion reads ``s`` from the
