@@ -165,17 +165,39 @@ def test_image_folder_source_skips_and_counts_bad_files(src_dir, bucket, ray_clu
     assert all(ex for ex in s["examples"].values())
 
 
+def shard_keys(dst: str, m: dict) -> list[str]:
+    """Every image key in the prepared dataset ``dst``'s shards (manifest ``m``), as often as stored."""
+    import io
+
+    import pyarrow.parquet as pq
+    return sorted(k for split in m["splits"].values() for f in split["files"]
+                  for k in pq.read_table(io.BytesIO(read_bytes(f"{dst}/{f}")), columns=["key"])["key"].to_pylist())
+
+
 def test_prepare_retries_read_errors_and_never_records_them_as_skips(prepared, bucket, s3):
+    """An overloaded store: 10% of every request (lists, reads, writes, of any key) answered 503
+    SlowDown or 500 at random, and one folder's reads denied twice, while `mae prepare` runs. It
+    finishes with the clean run's dataset: every image stored once, the same skips, nothing
+    recorded as unreadable. Denied for good, it fails in one line and writes no manifest."""
     dst, m, _ = prepared
     src = f"s3://{bucket}/raw"
     prefix = f"/{bucket}/raw/{CLASSES[2]}/"
     # denied twice (the S3 client does not retry a 403): the shard's task runs again and succeeds
     s3.proxy.fail_next(prefix, 2, status=403)
+    s3.proxy.flaky(0.10, seed=7)
     mark = s3.proxy.mark()
-    m2 = prepare(PrepareConfig(src=src, dst=f"s3://{bucket}/shards-flaky", shard_size_mb=0.02, val_fraction=0.25),
-                 progress=False)
-    assert sum(r.status == 403 for r in s3.proxy.since(mark)) == 2
-    assert m2["counts"] == m["counts"] and m2["splits"] == m["splits"]  # nothing lost, no "unreadable" skip
+    try:
+        m2 = prepare(PrepareConfig(src=src, dst=f"s3://{bucket}/shards-flaky", shard_size_mb=0.02,
+                                   val_fraction=0.25), progress=False)
+    finally:
+        s3.proxy.clear_faults()
+    reqs = s3.proxy.since(mark)
+    refused = [r for r in reqs if r.status in (500, 503)]
+    print(f"{len(refused)} of {len(reqs)} requests refused:", Counter(r.method for r in refused))
+    assert len(refused) >= 0.05 * len(reqs) and sum(r.status == 403 for r in reqs) == 2
+    assert m2["counts"] == m["counts"] and m2["skipped"] == m["skipped"] and m2["splits"] == m["splits"]
+    keys = shard_keys(f"s3://{bucket}/shards-flaky", m2)  # nothing lost, nothing twice
+    assert keys == shard_keys(dst, m) and len(keys) == len(set(keys)) == m["counts"]["ok"]
     # denied for good: the job fails with one line naming the file, and writes no manifest (one
     # retry here: the default 4 back off for ~7 s in all, which only the clock would see)
     s3.proxy.fail_next(prefix, 10_000, status=403)
@@ -193,36 +215,6 @@ def test_prepare_retries_read_errors_and_never_records_them_as_skips(prepared, b
     with pytest.raises(StorageError, match="whole bucket"):
         prepare(PrepareConfig(src=src, dst=f"s3://{bucket}", overwrite=True), progress=False)
     assert exists(f"{dst}/manifest.json")
-
-
-def shard_keys(dst: str, m: dict) -> list[str]:
-    """Every image key in the prepared dataset ``dst``'s shards (manifest ``m``), as often as stored."""
-    import io
-
-    import pyarrow.parquet as pq
-    return sorted(k for split in m["splits"].values() for f in split["files"]
-                  for k in pq.read_table(io.BytesIO(read_bytes(f"{dst}/{f}")), columns=["key"])["key"].to_pylist())
-
-
-def test_prepare_on_a_store_refusing_a_tenth_of_all_requests_loses_and_duplicates_nothing(prepared, bucket, s3):
-    """An overloaded store: 10% of every request (lists, reads, writes, of any key) answered 503
-    SlowDown or 500 at random while `mae prepare` runs. It finishes with the clean run's dataset:
-    every image stored once, the same skips, nothing recorded as unreadable."""
-    dst, m, _ = prepared
-    mark = s3.proxy.mark()
-    s3.proxy.flaky(0.10, seed=7)
-    try:
-        m2 = prepare(PrepareConfig(src=f"s3://{bucket}/raw", dst=f"s3://{bucket}/shards-throttled", shard_size_mb=0.02,
-                                   val_fraction=0.25), progress=False)
-    finally:
-        s3.proxy.clear_faults()
-    reqs = s3.proxy.since(mark)
-    refused = sum(r.status in (500, 503) for r in reqs)
-    print(f"{refused} of {len(reqs)} requests refused:", Counter(r.method for r in reqs if r.status in (500, 503)))
-    assert refused >= 0.05 * len(reqs)
-    assert m2["counts"] == m["counts"] and m2["skipped"] == m["skipped"] and m2["splits"] == m["splits"]
-    keys = shard_keys(f"s3://{bucket}/shards-throttled", m2)
-    assert keys == shard_keys(dst, m) and len(keys) == len(set(keys)) == m["counts"]["ok"]
 
 
 def test_decode_tasks_retry_transient_storage_errors(prepared, src_dir, bucket, s3):
