@@ -21,6 +21,7 @@ import numpy as np
 from .config import DataConfig
 from .crops import TransformConfig, crop_plan
 from .decode import SkipImage
+from .segments import concat_batches
 from .sources import SourceInfo, label_of, relative_key, resolve
 from .stats import stats_actor
 from .storage import StorageError, parse_uri, pyarrow_fs, storage_errors, with_retries
@@ -157,10 +158,6 @@ def read_units(info: SourceInfo, rows_per_unit: int) -> list[dict]:
     return units
 
 
-def _concat(parts: list[dict]) -> dict:
-    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream, start: tuple[int, int],
                     decode_batch_size: int, stats, position, read_retries: int = 4,
                     output_block_rows: int = 256, **decode_kw) -> Iterator[dict]:
@@ -188,10 +185,10 @@ def load_and_decode(batch: dict, *, uri: str, units: list[dict], stream: Stream,
         pending.append(out)
         rows += n
         if rows >= output_block_rows:
-            yield _concat(pending)
+            yield concat_batches(pending)
             pending, rows = [], 0
     if rows:
-        yield _concat(pending)
+        yield concat_batches(pending)
     if stats is not None:
         stats.record.remote(ok, skipped)  # fire and forget, once per unit
 

@@ -63,7 +63,8 @@ def _rows(batch) -> int:
     return len(next(iter(batch.values())))
 
 
-def _cat(parts: list[dict]) -> dict:
+def concat_batches(parts: list[dict]) -> dict:
+    """Batches (dicts of numpy arrays, torch tensors or lists) -> one, row after row."""
     if len(parts) == 1:
         return parts[0]
     out = {}
@@ -95,7 +96,7 @@ def rebatch(batches: Iterable[dict], batch_size: int) -> Iterator[dict]:
                 buf.append(b)
                 n += m
             while n >= batch_size:
-                merged = _cat(buf)
+                merged = concat_batches(buf)
                 yield _slice(merged, 0, batch_size)
                 n -= batch_size
                 buf = [_slice(merged, batch_size, batch_size + n)] if n else []

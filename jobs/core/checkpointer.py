@@ -4,10 +4,10 @@ upload, and complete each save (the files themselves: :mod:`jobs.core.checkpoint
 A save, on every rank: with ``train.async_checkpoint`` (the default), a copy of its state in host
 memory on the training path, then in Ray Train's upload thread its DCP shard written from that
 copy to the node's scratch disk, hashed and uploaded; without, the shard written and uploaded on
-the training path. Then this rank's file list to rank 0 once its shard is in storage. Rank 0, holding every rank's list, writes ``manifest.json``, the ``COMPLETE``
-marker and the index, and prunes (:class:`jobs.core.checkpoint.Finalizer`). So a marker never
-precedes the last shard, and a save killed anywhere leaves a checkpoint resume never takes.
-One save is in flight at a time.
+the training path. Then this rank's file list to rank 0 once its shard is in storage. Rank 0,
+holding every rank's list, writes ``manifest.json``, the ``COMPLETE`` marker and the index, and
+prunes (:class:`jobs.core.checkpoint.Finalizer`). So a marker never precedes the last shard, and a
+save killed anywhere leaves a checkpoint resume never takes. One save is in flight at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from jobs.core import checkpoint as ckpt
 from jobs.core.common import say
-from jobs.core.faults import Faults, kill_victim
+from jobs.core.faults import Faults
 from pipeline.private_api import ray_would_retry_upload
 from pipeline.storage import Store
 
@@ -148,10 +148,8 @@ class Checkpointer:
             if staged is not None:  # the shard written from its host copy, here, off the training path
                 ckpt.write_staged(staged, local, group=self.upload_group, world=self.world)
             files = ckpt.file_manifest(local)  # hashed here, off the training path
-            if self.faults is not None:  # test-only: this rank dies before its shard lands
-                if self.faults.crash_in_upload_of(step):
-                    kill_victim(self.run, self.rank, self.world, f"uploading checkpoint {step}")
-                self.faults.kill_at(step, "upload", self.run, self.rank, self.world)
+            if self.faults is not None:  # test-only: this rank may die here, before its shard lands
+                self.faults.in_upload(step, self.run, self.rank, self.world)
             persisted = self._persist(checkpoint, dir_name)
             # removed here, not by Ray after this returns: the end of the attempt (which waits for
             # ``done``) removes the whole scratch directory, and the two deletes raced

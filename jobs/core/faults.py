@@ -54,18 +54,25 @@ class Faults:
     def crash_in_upload_of(self, step: int) -> bool:
         return self.crash_in_upload and self.crash_at_step == step
 
+    def in_upload(self, step: int, run, rank: int, world: int) -> None:
+        """Inside this rank's upload of checkpoint ``step``, before its shard lands: SIGKILL it if
+        it is a victim here (``crash_at_step`` with ``crash_in_upload``: rank 1; ``kills``)."""
+        if self.crash_in_upload_of(step):
+            kill_victim(run, rank, f"uploading checkpoint {step}", victim=min(1, world - 1))
+        self.kill_at(step, "upload", run, rank, world)
+
     def kill_at(self, step: int, where: str, run, rank: int, world: int) -> None:
         """``kills``: SIGKILL this rank here if it is the step's victim and the kill has not happened."""
-        if (step, where) in self.kills and rank == step % world:
-            kill_victim(run, rank, world, f"after step {step}" if where == "step" else f"uploading checkpoint {step}",
-                        mark=f"{MARK}_{where}_{step}")
+        if (step, where) in self.kills:
+            kill_victim(run, rank, f"after step {step}" if where == "step" else f"uploading checkpoint {step}",
+                        victim=step % world, mark=f"{MARK}_{where}_{step}")
 
 
-def kill_victim(run, rank: int, world: int, when: str, mark: str = MARK) -> None:
-    """SIGKILL rank 1 (rank 0 of a one-worker run) once per run (once per ``mark``: a ``kills``
-    victim is chosen by the caller); every other rank returns."""
+def kill_victim(run, rank: int, when: str, *, victim: int, mark: str = MARK) -> None:
+    """SIGKILL this rank if it is ``victim``, once per run (per ``mark`` in the run directory);
+    every other rank returns."""
     from jobs.core.common import say
-    if (mark == MARK and rank != min(1, world - 1)) or run.exists(mark):
+    if rank != victim or run.exists(mark):
         return
     run.write(mark, b"1")
     say(f"[mae] test fault: SIGKILL rank {rank} (pid {os.getpid()}) {when}")
