@@ -273,9 +273,10 @@ def build_dataset(cfg: DataConfig, *, epochs: int = 1, start_image: int = 0, run
     One execution spans ``epochs`` epochs from the position ``start_image`` (images consumed so
     far): the next epoch's first units are read and decoded while the last ones of this epoch
     train, with no drain and restart in between. Each stream item is one read unit, read and
-    decoded by one task. ``run_id`` names the run: its counters actor (:func:`pipeline.stats.stats_actor`)
-    and, for a non-empty ``run_id``, its position actor (:func:`pipeline.stream.position_actor`),
-    whose resume position (set by a restarted worker group) the decode tasks honour.
+    decoded by one task. ``run_id`` names the run: its one actor (:mod:`pipeline.runactor`) keeps its
+    counters (:func:`pipeline.stats.stats_actor`) and, for a non-empty ``run_id``, the resume
+    position (:func:`pipeline.stream.position_actor`) set by a restarted worker group, which the
+    decode tasks honour.
     """
     info, units, stream = _units(cfg, source)
     first_item = stream.locate(start_image)[0]

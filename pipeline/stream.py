@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-POSITION_ACTOR = "mae_stream_position"
+from .runactor import release_run_actor, run_actor, run_actor_name
 
 
 @dataclass(frozen=True)
@@ -59,92 +59,21 @@ class Stream:
 
 
 # ---------------------------------------------------------------------------- the resume position
-def _position_actor_cls():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class StreamPosition:
-        """The (item, row) of its run's stream that a restarted worker group continues from (see
-        :meth:`Stream.locate`). Set by rank 0 before any rank iterates; read by each decode task
-        once per stream item, and by the epoch expansion. A segmented stream
-        (:mod:`pipeline.segments`) also keeps here the segment each of its two datasets streams
-        next, set by rank 0 before that dataset's execution starts, read by its epoch expansion."""
-
-        def __init__(self):
-            self.position = (0, 0)
-            self.segments = {}
-
-        def set(self, item: int, row: int) -> None:
-            self.position = (int(item), int(row))
-
-        def get(self) -> tuple[int, int]:
-            return self.position
-
-        def set_segment(self, slot: int, segment: int) -> None:
-            self.segments[int(slot)] = int(segment)
-
-        def segment(self, slot: int) -> int:
-            return self.segments.get(int(slot), 0)
-
-    return StreamPosition
-
-
-_POSITIONS: dict = {}  # (job id, actor name) -> handle: the actors this driver owns
-
-
-def on_this_node():
-    """The scheduling strategy that keeps a run's actors on its driver's node. An actor of no CPU
-    may otherwise land on any node; on a spot node, a reclaim would take it (and with it the
-    stream's position, or its counters) while the run's restarted workers still need it. The
-    driver's node is where the run's controller and stream coordinator live anyway."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-
-
-def named_actor(owned: dict, name: str, make_cls, create: bool = True):
-    """The run's actor called ``name``, of the class ``make_cls()``: created on first use on this
-    driver's node and kept in ``owned`` (so that it lives as long as its driver, not only as long
-    as one dataset's references to it); ``create=False``: the live one, or None."""
-    import ray
-    if create:
-        key = (ray.get_runtime_context().get_job_id(), name)
-        if key not in owned:
-            owned[key] = make_cls().options(name=name, get_if_exists=True, scheduling_strategy=on_this_node()).remote()
-        return owned[key]
-    try:
-        return ray.get_actor(name)
-    except ValueError:
-        return None
-
-
-def release_named_actor(owned: dict, name: str) -> None:
-    """End a run's actor once its run is over (an idle actor still holds a process and ~1% of a
-    core: a driver running many fits would keep one per run)."""
-    import ray
-    handle = owned.pop((ray.get_runtime_context().get_job_id(), name), None)
-    if handle is not None:
-        try:
-            ray.kill(handle)  # tasks still finishing call it fire-and-forget: nothing waits on it
-        except Exception:  # noqa: BLE001 - Ray already gone: the actor went with it; never mask a run's error
-            pass
-
-
 def _position_name(run_id: str) -> str:
-    import hashlib
-    return f"{POSITION_ACTOR}-{hashlib.sha1(run_id.encode()).hexdigest()[:16]}"
+    return run_actor_name(run_id)
 
 
 def position_actor(run_id: str, create: bool = True):
-    """The named position actor of run ``run_id`` (one per run, as its counters actor:
-    :func:`release_position_actor` ends it with its run, and none outlives the process that
-    started it). Created on first use; ``create=False``: the live one, or None."""
-    return named_actor(_POSITIONS, _position_name(run_id), _position_actor_cls, create)
+    """The actor holding run ``run_id``'s resume position (the run's one actor,
+    :mod:`pipeline.runactor`, which also keeps its image counters; :func:`release_position_actor`
+    ends it with its run, and none outlives the process that started it). Created on first use;
+    ``create=False``: the live one, or None."""
+    return run_actor(_position_name(run_id), create)
 
 
 def release_position_actor(run_id: str) -> None:
-    """End the run's position actor once its run is over."""
-    release_named_actor(_POSITIONS, _position_name(run_id))
+    """End the run's actor once its run is over."""
+    release_run_actor(_position_name(run_id))
 
 
 def resume_at(position, start: tuple[int, int]) -> tuple[int, int]:
