@@ -1,5 +1,5 @@
 """What the tests and the benches share: the environment of a local Ray, the tiny pretraining config,
-and uploading a folder to object storage.
+uploading a folder to object storage, and a job run beside another.
 
 Importable as ``support`` (pytest puts tests/ on ``sys.path``) and as ``tests.support`` (the benches,
 run as ``python -m bench.NAME`` from the repository root). It imports nothing heavy at module level:
@@ -101,3 +101,30 @@ def upload_dir(local: str, s3_uri: str) -> None:
     from pipeline.storage import fsspec_fs
     fs, p = fsspec_fs(s3_uri)
     fs.put(local.rstrip("/") + "/", p, recursive=True)
+
+
+class Background:
+    """``fn()`` in a thread of this process, started by :meth:`start` (or by :meth:`result`, which
+    waits for it and returns its value, or raises its exception)."""
+
+    def __init__(self, fn):
+        import threading
+        self.out: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+
+    def _run(self, fn):
+        try:
+            self.out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
+            self.out["error"] = e
+
+    def start(self):
+        if self.thread.ident is None:
+            self.thread.start()
+
+    def result(self):
+        self.start()
+        self.thread.join()
+        if "error" in self.out:
+            raise self.out["error"]
+        return self.out["value"]

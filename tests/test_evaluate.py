@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from support import tiny_config
+from support import Background, tiny_config
 
 from jobs.core.probe import knn_top1, linear_probe_top1
 
@@ -100,33 +100,6 @@ def digits_run(digits_shards, bucket, random_init_finetune):
     cfg = tiny_config(digits_shards, f"s3://{bucket}/runs", "eval-digits", *DIGITS, short_run=False)
     assert fit(cfg)[0].error is None
     return run_dir_of(cfg)
-
-
-class Background:
-    """``fn()`` in a thread of this process, started by :meth:`start` (or by :meth:`result`, which
-    waits for it and returns its value, or raises its exception)."""
-
-    def __init__(self, fn):
-        import threading
-        self.out: dict = {}
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-
-    def _run(self, fn):
-        try:
-            self.out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
-            self.out["error"] = e
-
-    def start(self):
-        if self.thread.ident is None:
-            self.thread.start()
-
-    def result(self):
-        self.start()
-        self.thread.join()
-        if "error" in self.out:
-            raise self.out["error"]
-        return self.out["value"]
 
 
 @pytest.fixture(scope="module")

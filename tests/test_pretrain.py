@@ -13,13 +13,13 @@ import time
 import pytest
 import yaml
 from conftest import scratch_dirs
-from support import tiny_config, tiny_overrides
+from support import Background, tiny_config, tiny_overrides
 
 from jobs.core import checkpoint as ckpt
 from jobs.core.faults import ENV as FAULTS_ENV
 from jobs.core.launch import fit, run_dir_of
 from pipeline.prepare import PrepareConfig, prepare
-from pipeline.storage import Store, fsspec_fs, list_files, read_bytes
+from pipeline.storage import Store, exists, fsspec_fs, list_files, read_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -188,10 +188,15 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     across the epoch boundary and across the restart."""
     common = ["train.max_steps=16", "train.ckpt_every=7", "scaling.num_workers=1", "data.deterministic=true",
               "data.augment=true", "train.vis_images=0"]
-    full = config(shards, bucket, "exact-full", *common)
-    result, plan = fit(full)
-    assert result.error is None
-    assert 16 * plan.global_batch > plan.rows  # the run crosses into a second epoch
+    # The uninterrupted run, on the stable node, beside the stopped one below (two 1-worker runs
+    # share the 2 cores better than one after the other). Its driver reads the fault hook's
+    # variable at launch, before it writes the run's config.yaml; the stopped run sets it after.
+    full = config(shards, bucket, "exact-full", *common, "scaling.resources_per_worker={mae_stable: 1}")
+    uninterrupted = Background(lambda: fit(full))
+    uninterrupted.start()
+    deadline = time.time() + 120
+    while not exists(f"{run_dir_of(full)}/config.yaml") and uninterrupted.thread.is_alive() and time.time() < deadline:
+        time.sleep(0.25)
     # the started-again run's worker lives on a node of a spot pool (the numerics are the same anywhere)
     part = config(shards, bucket, "exact-resumed", *common, "scaling.resources_per_worker={spot_pool: 1}")
     victim = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"spot_pool": 1},
@@ -200,6 +205,9 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
         mp.setenv(FAULTS_ENV, json.dumps({"stop_after_steps": 7}))
         assert fit(part)[0].error is None
     assert ckpt.latest_complete(run_dir_of(part))["step"] == 7
+    result, plan = uninterrupted.result()
+    assert result.error is None
+    assert 16 * plan.global_batch > plan.rows  # the run crosses into a second epoch
     again = part
     with monkeypatch.context() as mp:
         # Ray Train's preemption watcher, off in the rest of the suite, on for this run (read by the
@@ -376,7 +384,6 @@ def test_local_paths_are_refused_on_a_multi_node_cluster(shards, bucket, labeled
         fit(config(shards, bucket, "local", f"data.source={labeled_dir}"))
     with pytest.raises(StorageError, match="SRC=.*--shared-fs"):
         prepare(PrepareConfig(src=labeled_dir, dst=f"s3://{bucket}/never"))
-    from pipeline.storage import exists
     assert not exists(f"s3://{bucket}/runs/local/config.yaml")  # refused before anything was written
 
 
