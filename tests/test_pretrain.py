@@ -194,17 +194,21 @@ def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, buck
     full = config(shards, bucket, "exact-full", *common, "scaling.resources_per_worker={mae_stable: 1}")
     uninterrupted = Background(lambda: fit(full))
     uninterrupted.start()
-    deadline = time.time() + 120
-    while not exists(f"{run_dir_of(full)}/config.yaml") and uninterrupted.thread.is_alive() and time.time() < deadline:
-        time.sleep(0.25)
-    # the started-again run's worker lives on a node of a spot pool (the numerics are the same anywhere)
-    part = config(shards, bucket, "exact-resumed", *common, "scaling.resources_per_worker={spot_pool: 1}")
-    victim = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"spot_pool": 1},
-                                  object_store_memory=200 * 2**20)
-    with monkeypatch.context() as mp:  # the test-only fault hook (jobs.core.faults), read by the driver
-        mp.setenv(FAULTS_ENV, json.dumps({"stop_after_steps": 7}))
-        assert fit(part)[0].error is None
-    assert ckpt.latest_complete(run_dir_of(part))["step"] == 7
+    try:
+        deadline = time.time() + 120
+        while (not exists(f"{run_dir_of(full)}/config.yaml") and uninterrupted.thread.is_alive()
+               and time.time() < deadline):
+            time.sleep(0.25)
+        # the started-again run's worker lives on a node of a spot pool (the numerics are the same anywhere)
+        part = config(shards, bucket, "exact-resumed", *common, "scaling.resources_per_worker={spot_pool: 1}")
+        victim = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"spot_pool": 1},
+                                      object_store_memory=200 * 2**20)
+        with monkeypatch.context() as mp:  # the test-only fault hook (jobs.core.faults), read by the driver
+            mp.setenv(FAULTS_ENV, json.dumps({"stop_after_steps": 7}))
+            assert fit(part)[0].error is None
+        assert ckpt.latest_complete(run_dir_of(part))["step"] == 7
+    finally:
+        uninterrupted.thread.join()  # never left running into the next test
     result, plan = uninterrupted.result()
     assert result.error is None
     assert 16 * plan.global_batch > plan.rows  # the run crosses into a second epoch
