@@ -92,34 +92,34 @@ def mae_here(*args, token=None):
 
     from jobs.cli import main
     out, err = io.StringIO(), io.StringIO()
+    with auth_token(token), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["mae", *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def auth_token(token: str | None):
+    """This process's Ray token variables while in the block: ``token`` alone (or none), as a user
+    who exported only it; the ones before are back after."""
     saved = {k: os.environ.pop(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH") if k in os.environ}
     if token:
         os.environ["RAY_AUTH_TOKEN"] = token
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
+        yield
     finally:
         os.environ.pop("RAY_AUTH_TOKEN", None)
         os.environ.update(saved)
-    return subprocess.CompletedProcess(["mae", *args], code, out.getvalue(), err.getvalue())
 
 
 @contextlib.contextmanager
 def job_client(head):
     """The project's job client for the head, in this process, with the head's token (only while in use)."""
     from jobs.submit import client
-    saved = os.environ.get("RAY_AUTH_TOKEN")
-    os.environ["RAY_AUTH_TOKEN"] = head.token
-    try:
+    with auth_token(head.token):
         yield client(head.address)
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_AUTH_TOKEN", None)
-        else:
-            os.environ["RAY_AUTH_TOKEN"] = saved
 
 
 def test_refused_without_the_token_with_a_clear_line(head, tmp_path):
