@@ -154,16 +154,41 @@ def _region() -> str:
 
 
 # ---------------------------------------------------------------------------- pyarrow
+S3_ATTEMPTS = 8
+"""Attempts per S3 request, for pyarrow's client and s3fs' alike: a throttled store (503 SlowDown)
+sheds a share of requests for minutes, and 3 attempts (both clients' default) lose a write in a
+thousand at 10% refused."""
+
+
 @lru_cache(maxsize=8)
 def _pa_s3(endpoint: str | None):
+    return _pa_s3_class()(endpoint)
+
+
+@lru_cache(maxsize=1)
+def _pa_s3_class():
+    """pyarrow's S3FileSystem that keeps its retry strategy when pickled. pyarrow's own pickles
+    without it, so the copy a Ray Data task, the Train controller or a worker gets retries 3 times,
+    not :data:`S3_ATTEMPTS` (the controller's run-state writes then fail a run under throttling).
+    Pickled as its endpoint: credentials stay out of the pickle and come from the process's own
+    environment, as with pyarrow's."""
     import pyarrow.fs as pafs
-    kw = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8)}
-    if endpoint:
-        # pyarrow ignores AWS_ENDPOINT_URL when built with no arguments: pass it explicitly.
-        scheme, _, host = endpoint.partition("://")
-        kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https",
-                  region=_region())
-    return pafs.S3FileSystem(**kw)
+
+    class RetryingS3FileSystem(pafs.S3FileSystem):
+        def __init__(self, endpoint: str | None):
+            kw = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)}
+            if endpoint:
+                # pyarrow ignores AWS_ENDPOINT_URL when built with no arguments: pass it explicitly.
+                scheme, _, host = endpoint.partition("://")
+                kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https",
+                          region=_region())
+            super().__init__(**kw)
+            self._endpoint = endpoint
+
+        def __reduce__(self):
+            return _pa_s3, (self._endpoint,)
+
+    return RetryingS3FileSystem
 
 
 def pyarrow_fs(uri: str | URI, endpoint: str | None = None):
@@ -191,7 +216,7 @@ def _s3_options(endpoint: str | None) -> dict:
     No listings cache: several processes write the same run directory (ranks, restarted attempts,
     the tune driver), and s3fs answers exists()/size() (and so cat_file()) from a cached listing
     when it has one, which makes a file written after that listing "not found"."""
-    kw = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}}, "use_listings_cache": False}
+    kw = {"config_kwargs": {"retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"}}, "use_listings_cache": False}
     if endpoint:
         kw.update(endpoint_url=endpoint, client_kwargs={"region_name": _region()})
     return kw

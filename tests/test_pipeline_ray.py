@@ -217,6 +217,34 @@ def test_prepare_retries_read_errors_and_never_records_them_as_skips(prepared, b
     assert exists(f"{dst}/manifest.json")
 
 
+def test_the_filesystem_a_ray_process_is_handed_keeps_its_s3_retries(bucket, s3, ray_cluster):
+    """Ray hands the run's pyarrow filesystem to the Train controller, the workers and the data
+    tasks pickled. Each must retry a throttled request as often as the driver's (pyarrow's own
+    S3FileSystem pickles without its retry strategy: 3 attempts, and a run under 10% throttling
+    failed writing its run state). Here a Ray task reads through it while the store refuses the
+    key 5 times."""
+    import ray
+
+    from pipeline.storage import S3_ATTEMPTS, pyarrow_fs, write_bytes
+    uri = f"s3://{bucket}/retries/blob"
+    write_bytes(uri, b"x" * 1000)
+    fs, path = pyarrow_fs(uri)
+
+    @ray.remote(num_cpus=0)
+    def read(fs, path):
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    assert S3_ATTEMPTS > 5
+    s3.proxy.fail_next(f"/{path}", 5, status=503)
+    mark = s3.proxy.mark()
+    try:
+        assert ray.get(read.remote(fs, path)) == b"x" * 1000
+    finally:
+        s3.proxy.clear_faults()
+    assert sum(r.status == 503 for r in s3.proxy.since(mark)) == 5  # the refusals happened
+
+
 def test_decode_tasks_retry_transient_storage_errors(prepared, src_dir, bucket, s3):
     """The store refuses one shard's reads (and one folder image's) for a moment, as while a node's
     credentials refresh (the S3 client does not retry a 403 itself): the decode task retries the
