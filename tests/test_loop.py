@@ -1,4 +1,5 @@
-"""The loop's parts that need no Ray: the cadence, the test-only fault hook, the typed plan."""
+"""The loop's parts that need no Ray: the cadence, the test-only fault hook, the typed plan, the
+first batch fetched in the background."""
 
 import dataclasses
 import itertools
@@ -147,3 +148,32 @@ def test_a_non_finite_loss_names_its_step_and_how_to_go_past_it():
     from jobs.core.finetune_config import FinetuneOptim
     recipe = FinetuneOptim()  # base_lr -1: the recipe's (filled in when the config is validated)
     assert recipe.base_lr < 0 and "optim.lr=0.0004" in nonfinite_message(9, float("nan"), 8e-4, recipe, 0, peak=8e-4)
+
+
+def test_the_first_batch_is_fetched_in_the_background_and_the_rest_on_the_callers_thread():
+    """The trainer opens its data stream before it builds the model and loads the checkpoint:
+    the first batch is fetched on a thread of its own meanwhile; the rest, and the end, come as
+    from the stream itself, and an error of the first fetch is raised by the first ``next()``."""
+    import threading
+
+    from jobs.core.trainer import Prefetched
+    threads: list[str] = []
+    started = threading.Event()
+
+    def stream(n):
+        for i in range(n):
+            threads.append(threading.current_thread().name)
+            started.set()
+            yield i
+    it = Prefetched(stream(3))
+    assert started.wait(10)  # fetched before anyone asked for it
+    assert list(it) == [0, 1, 2] and next(it, None) is None
+    assert threads[0] == "mae-first-batch" and set(threads[1:]) == {threading.current_thread().name}
+    assert next(Prefetched(stream(0)), None) is None  # an empty stream ends at once
+
+    def failing():
+        raise OSError("the shard's read failed")
+        yield
+    broken = Prefetched(failing())
+    with pytest.raises(OSError, match="shard's read failed"):
+        next(broken)

@@ -39,7 +39,8 @@ class Resumed:
 
 
 class Checkpointer:
-    """``resume()`` once, ``save(...)`` at checkpoint steps, ``close(ok)`` at the end of the attempt."""
+    """``resume()`` (or ``choose()`` then ``load()``) once, ``save(...)`` at checkpoint steps,
+    ``close(ok)`` at the end of the attempt."""
 
     def __init__(self, cfg, run: Store, *, rank: int, world: int, scratch: str, cpu_group,
                  global_batch: int, config_yaml: str, faults: Faults | None = None):
@@ -66,10 +67,10 @@ class Checkpointer:
         return box[0]
 
     # ------------------------------------------------------------------ resume
-    def resume(self, model, opt) -> Resumed | None:
-        """Load the newest complete checkpoint into ``model`` and ``opt``, chosen once by rank 0 from
-        the index for every rank; each rank reads its shards straight from storage (FSDP2, HSDP),
-        or rank 0 reads the whole state once and broadcasts it (DDP); None: none yet."""
+    def choose(self) -> dict | None:
+        """Collective: the newest complete checkpoint, chosen once by rank 0 from the index for
+        every rank, with its ``train_state.json`` ({"uri", "state"}); None: none yet. Cheap (two
+        small reads): the data stream can start from its position before the weights load."""
         choice = None
         if self.rank == 0:  # the index is read once per attempt, here
             self.finalizer = ckpt.Finalizer(self.run, self.cfg.train.keep_last, self.cfg.train.best_metric,
@@ -77,7 +78,12 @@ class Checkpointer:
             latest = self.finalizer.latest()
             if latest:
                 choice = {"uri": latest["uri"], "state": ckpt.read_train_state(self.run.child(latest["name"]))}
-        choice = self._broadcast(choice)
+        return self._broadcast(choice)
+
+    def load(self, choice: dict | None, model, opt) -> Resumed | None:
+        """Load the checkpoint of :meth:`choose` into ``model`` and ``opt``: each rank reads its
+        shards straight from storage (FSDP2, HSDP), or rank 0 reads the whole state once and
+        broadcasts it (DDP); None: ``choice`` is None."""
         if not choice:
             return None
         st = choice["state"]
@@ -88,6 +94,10 @@ class Checkpointer:
         self.last_step = st["step"]
         return Resumed(uri=choice["uri"], step=st["step"], metrics=st.get("metrics") or {},
                        world_size=st["world_size"], restored_rng=bool(restored))
+
+    def resume(self, model, opt) -> Resumed | None:
+        """:meth:`load` of :meth:`choose`: the newest complete checkpoint into ``model`` and ``opt``."""
+        return self.load(self.choose(), model, opt)
 
     # ------------------------------------------------------------------ save
     def busy(self) -> bool:

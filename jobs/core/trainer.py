@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -69,6 +70,43 @@ def masking_seed(seed: int, rank: int, step: int) -> int:
 
 
 
+class Prefetched:
+    """An iterator whose first item is fetched in a background thread from construction on (the
+    caller does other work meanwhile); later items are taken on the caller's thread. The first
+    ``next()`` waits for that fetch and raises what it raised."""
+
+    def __init__(self, it: Iterator):
+        import threading
+        self._it, self._first, self._error, self._ended = it, None, None, False
+        self._thread: threading.Thread | None = threading.Thread(target=self._fetch, name="mae-first-batch",
+                                                                 daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it)
+        except StopIteration:
+            self._ended = True
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread by __next__
+            self._error = e
+
+    def __iter__(self) -> Prefetched:
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            return next(self._it)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._ended:
+            raise StopIteration
+        first, self._first = self._first, None
+        return first
+
+
 class Trainer:
     """One worker's part of a run. Built from the resolved config and the driver's plan."""
 
@@ -83,6 +121,24 @@ class Trainer:
         self.precision = plan.precision
         # Small host-side agreements (checkpoint choice, report timing) on a CPU group.
         self.cpu_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
+        self.accum, self.global_batch = plan.accum_steps, plan.global_batch
+        self.total, self.warmup, self.peak = plan.total_steps, plan.warmup_steps, plan.peak_lr
+        self.run = Store(plan.run_dir)
+        self.stream = plan.stream
+        self.step, self.lr = 0, 0.0
+        self.segment: int | None = None  # a segmented stream's segment being consumed (pipeline.segments)
+        self.saved_metrics: dict = {}  # the resumed checkpoint's metrics
+        self.scratch = attempt_scratch()  # and the dead attempts' scratch on this node goes
+        self.ckpt = Checkpointer(cfg, self.run, rank=self.rank, world=self.world, scratch=self.scratch,
+                                 cpu_group=self.cpu_group, global_batch=self.global_batch,
+                                 config_yaml=plan.config_yaml, faults=plan.faults)
+        # The data first: the checkpoint to resume from is chosen (two small reads), and the stream
+        # starts from its position while the model is built and its weights load (a new execution
+        # takes seconds to deliver its first batch: its tasks start, the first units are read and
+        # decoded; on a restart that overlaps the checkpoint's load).
+        self.choice = self.ckpt.choose()
+        self.step = self.choice["state"]["step"] if self.choice else 0
+        self.batches = self.open_stream() if self.step < self.total else None
         make = self.module_factory()
         self.strategy = agree_strategy(cfg, self.device, rank=self.rank, world=self.world,
                                        node_rank=ctx.get_node_rank(), local_rank=ctx.get_local_rank(),
@@ -94,14 +150,6 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if self.strategy == "ddp" and self.precision == "bf16" else contextlib.nullcontext())
         self.opt = self.build_optimizer()
-        self.accum, self.global_batch = plan.accum_steps, plan.global_batch
-        self.total, self.warmup, self.peak = plan.total_steps, plan.warmup_steps, plan.peak_lr
-        self.run = Store(plan.run_dir)
-        self.stream = plan.stream
-        self.step, self.lr = 0, 0.0
-        self.segment: int | None = None  # a segmented stream's segment being consumed (pipeline.segments)
-        self.saved_metrics: dict = {}  # the resumed checkpoint's metrics
-        self.scratch = attempt_scratch()  # and the dead attempts' scratch on this node goes
         self.logger = MetricsLogger(os.path.join(self.scratch, "run"), self.run, self.total) if self.rank == 0 else None
         self.tracking = None
         if self.rank == 0:  # its queue and thread: trackers never hold up a step
@@ -109,9 +157,6 @@ class Trainer:
             self.tracking = Tracking(cfg, self.run, run_name=cfg.run.name, local_dir=self.scratch,
                                      extra=[RaisingTracker()] if plan.faults and plan.faults.raising_tracker else [])
         self.last_tb_sync = time.monotonic()
-        self.ckpt = Checkpointer(cfg, self.run, rank=self.rank, world=self.world, scratch=self.scratch,
-                                 cpu_group=self.cpu_group, global_batch=self.global_batch,
-                                 config_yaml=plan.config_yaml, faults=plan.faults)
         self.window = StepWindow(self.device, world=self.world, global_batch=self.global_batch,
                                  flops_per_image=plan.flops_per_image, precision=self.precision,
                                  gpu_decode=cfg.data.decode == "gpu")
@@ -149,7 +194,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the newest complete checkpoint (:meth:`Checkpointer.resume`); else start
         fresh (optionally from ``init_from``). The data stream continues where its images end."""
-        r = self.ckpt.resume(self.model, self.opt)
+        r = self.ckpt.load(self.choice, self.model, self.opt)
         if r is not None:
             self.step, self.saved_metrics = r.step, r.metrics
             if not r.restored_rng:  # another world size: fresh, distinct per-rank masking streams
@@ -163,12 +208,19 @@ class Trainer:
         if self.rank == 0:
             self.logger.keep_until(self.step)  # the log continues from the checkpoint too
             self.tracking.start(self.cfg.to_dict())  # a resumed run continues its tracker runs
-            # The data continues where the chosen checkpoint's images end, also when this is a
-            # restarted worker group whose stream was built by the driver for an earlier position.
+        dist.barrier(group=self.cpu_group)
+
+    def open_stream(self) -> Prefetched:
+        """Every rank's batches from the chosen checkpoint's position on: rank 0 sets the position
+        on the run's actor before any rank starts the execution (also when this is a restarted
+        worker group whose stream was built by the driver for an earlier position); each rank's
+        first batch is then fetched in the background."""
+        if self.rank == 0:
             import ray
             item, row = self.stream.locate(self.step * self.global_batch)
             ray.get(self.plan.position.set.remote(item, row))
         dist.barrier(group=self.cpu_group)
+        return Prefetched(self._batches())
 
     def _init_from(self, uri: str) -> None:
         """Start from weights: read once (rank 0) and broadcast to the other ranks' shards."""
@@ -360,7 +412,6 @@ class Trainer:
             self.say(f"[mae] the run already reached step {self.total}; reporting its final metrics")
             self.report(dict(self.saved_metrics, step=self.step))
             return None
-        self.batches = self._batches()
         self.model.train()
         faults = self.plan.faults
         return Cadence.of(self.cfg.train, self.total, start=self.step,
