@@ -65,8 +65,8 @@ class Block(nn.Module):
         # stochastic depth (fine-tuning): timm's DropPath, as the official models_vit.py blocks
         self.drop_path = nn.Identity()
         if drop_path > 0:
-            from timm.layers import DropPath
-            self.drop_path = DropPath(drop_path)
+            from pipeline.private_api import import_timm  # timm without wandb's temp dirs
+            self.drop_path = import_timm("timm.layers").DropPath(drop_path)
         self.activation_checkpointing = False
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

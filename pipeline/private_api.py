@@ -167,6 +167,24 @@ def import_wandb_media_tempdirs() -> None:
     import wandb.sdk.data_types._private  # noqa: F401
 
 
+def import_timm(module: str):
+    """``importlib.import_module(module)`` of a timm module, without importing wandb through it:
+    ``timm.utils`` imports wandb when it is installed, and wandb's import makes two temp dirs
+    (media, artifacts) that only a clean interpreter exit removes. A Ray worker process is killed,
+    so every decode or fine-tuning process that imported timm left them in the node's /tmp. Where
+    wandb is imported already (a W&B-tracked run), the import is plain."""
+    import importlib
+    import sys
+    if "wandb" in sys.modules:
+        return importlib.import_module(module)
+    sys.modules["wandb"] = None  # `import wandb` raises ImportError: timm goes on without it
+    try:
+        return importlib.import_module(module)
+    finally:
+        if sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
+
+
 # ---------------------------------------------------------------------------------------- torch
 
 DCP_PRIVATE_PICKLE_GLOBALS = frozenset({

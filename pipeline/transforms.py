@@ -68,8 +68,11 @@ def auto_augment_transform(policy: str, img_size: int):
     """timm's augmentation policy built exactly as timm's ``create_transform(is_training=True,
     auto_augment=policy, interpolation="bicubic")`` builds it (the official fine-tuning recipe):
     translations of 0.45 x the image side, the ImageNet mean as fill, bicubic."""
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform as aa, rand_augment_transform
-    from timm.data.transforms import str_to_pil_interp
+    from .private_api import import_timm
+    timm_aa = import_timm("timm.data.auto_augment")
+    augment_and_mix_transform, aa, rand_augment_transform = (
+        timm_aa.augment_and_mix_transform, timm_aa.auto_augment_transform, timm_aa.rand_augment_transform)
+    str_to_pil_interp = import_timm("timm.data.transforms").str_to_pil_interp
     params = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN),
                   interpolation=str_to_pil_interp("bicubic"))
     if policy.startswith("rand"):

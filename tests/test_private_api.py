@@ -267,3 +267,37 @@ def test_tests_use_ray_private_object_store_constants():
 def test_tests_use_ray_autoscaler_private_util():
     from ray.autoscaler._private.util import prepare_config, validate_config
     assert required(prepare_config) == ["config"] and required(validate_config) == ["config"]
+
+
+def test_timm_is_imported_without_wandb_so_a_killed_worker_leaves_no_temp_dirs(tmp_path):
+    """The processes that import timm (decode tasks with RandAugment, fine-tuning workers with drop
+    path, mixup, erasing, the soft-target loss) are Ray workers, killed rather than exited: wandb
+    imported through timm left its two temp dirs in /tmp at every such process. Here a process
+    builds each of them and dies as a killed worker does (os._exit): its temp dir stays empty, and
+    wandb is importable afterwards (a W&B-tracked run imports it itself)."""
+    import subprocess
+    import sys
+    code = """
+import os, sys
+from pipeline.transforms import auto_augment_transform
+auto_augment_transform("rand-m9-mstd0.5-inc1", 32)
+from mae_model.model import Block
+Block(32, 2, 4.0, 1e-6, drop_path=0.1)
+from pipeline.private_api import import_timm
+import_timm("timm.data").Mixup, import_timm("timm.data.random_erasing").RandomErasing
+import_timm("timm.loss").SoftTargetCrossEntropy()
+assert "wandb" not in sys.modules
+import wandb.sdk.data_types._private
+print("ok", flush=True)
+os._exit(0)
+"""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    r = subprocess.run([sys.executable, "-c", code.replace("import wandb.sdk.data_types._private", "")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    assert not [p.name for p in scratch.iterdir() if "wandb" in p.name], list(scratch.iterdir())
+    # wandb itself still imports after timm (its own temp dirs then, as a tracked run expects)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

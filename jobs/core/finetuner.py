@@ -25,6 +25,7 @@ from jobs.core.trainer import DataExhausted, Trainer
 from mae_model.model import IMAGENET_MEAN, IMAGENET_STD
 from mae_model.parallelize import set_gradient_sync
 from pipeline.patchify import patchify, unpatchify
+from pipeline.private_api import import_timm
 
 
 class FineTuner(Trainer):
@@ -37,12 +38,12 @@ class FineTuner(Trainer):
         self.std = torch.tensor(IMAGENET_STD, device=dev).repeat(p * p)
         self.mixup = self.erase = None
         if cfg.mixup_active:
-            from timm.data import Mixup
+            Mixup = import_timm("timm.data").Mixup
             self.mixup = Mixup(mixup_alpha=self.f.mixup, cutmix_alpha=self.f.cutmix, prob=self.f.mixup_prob,
                                switch_prob=self.f.mixup_switch_prob, mode=self.f.mixup_mode,
                                label_smoothing=self.f.smoothing, num_classes=plan.num_classes)
         if self.f.reprob > 0 and not self.f.linprobe:
-            from timm.data.random_erasing import RandomErasing
+            RandomErasing = import_timm("timm.data.random_erasing").RandomErasing
             self.erase = RandomErasing(self.f.reprob, mode=self.f.remode, max_count=self.f.recount, num_splits=0,
                                        device=str(dev))
         self.criterion = self._criterion()
@@ -74,11 +75,9 @@ class FineTuner(Trainer):
 
     def _criterion(self):
         if self.mixup is not None:  # smoothing is in the mixed targets
-            from timm.loss import SoftTargetCrossEntropy
-            return SoftTargetCrossEntropy()
+            return import_timm("timm.loss").SoftTargetCrossEntropy()
         if self.f.smoothing > 0:
-            from timm.loss import LabelSmoothingCrossEntropy
-            return LabelSmoothingCrossEntropy(smoothing=self.f.smoothing)
+            return import_timm("timm.loss").LabelSmoothingCrossEntropy(smoothing=self.f.smoothing)
         return torch.nn.CrossEntropyLoss()
 
     def _init_from(self, uri: str) -> None:
