@@ -39,8 +39,8 @@ class Resumed:
 
 
 class Checkpointer:
-    """``resume()`` (or ``choose()`` then ``load()``) once, ``save(...)`` at checkpoint steps,
-    ``close(ok)`` at the end of the attempt."""
+    """``choose()`` then ``load()`` once, ``save(...)`` at checkpoint steps, ``close(ok)`` at the
+    end of the attempt."""
 
     def __init__(self, cfg, run: Store, *, rank: int, world: int, scratch: str, cpu_group,
                  global_batch: int, config_yaml: str, faults: Faults | None = None):
@@ -94,10 +94,6 @@ class Checkpointer:
         self.last_step = st["step"]
         return Resumed(uri=choice["uri"], step=st["step"], metrics=st.get("metrics") or {},
                        world_size=st["world_size"], restored_rng=bool(restored))
-
-    def resume(self, model, opt) -> Resumed | None:
-        """:meth:`load` of :meth:`choose`: the newest complete checkpoint into ``model`` and ``opt``."""
-        return self.load(self.choose(), model, opt)
 
     # ------------------------------------------------------------------ save
     def busy(self) -> bool:

@@ -192,7 +192,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint (:meth:`Checkpointer.resume`); else start
+        """Continue from the checkpoint chosen at start-up (:meth:`Checkpointer.load`); else start
         fresh (optionally from ``init_from``). The data stream continues where its images end."""
         r = self.ckpt.load(self.choice, self.model, self.opt)
         if r is not None:
