@@ -73,6 +73,40 @@ def ray_cluster(s3):
 
 
 @pytest.fixture(scope="session")
+def digits_runs(ray_cluster, bucket, tmp_path_factory):
+    """The digits runs (tests/digits_runs.py), started on the shared cluster; killed at the session's
+    end if still running."""
+    import ray
+
+    from digits_runs import DigitsRuns
+    runs = DigitsRuns(ray.get_runtime_context().gcs_address, bucket, str(tmp_path_factory.mktemp("digits-runs")))
+    runs.start()
+    yield runs
+    runs.stop()
+
+
+_started: list = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _long_runs_first(request):
+    """When a collected test uses the digits runs, they start with the session's first test (and with
+    them the S3 server and the shared cluster), so that they run beside the tests that use no Ray."""
+    if any("digits_runs" in it.fixturenames for it in request.session.items):
+        _started.append(request.getfixturevalue("digits_runs"))
+
+
+@pytest.fixture(scope="session")
+def cluster_to_itself():
+    """For a test that asserts on the cluster's actors, or on what is in the nodes' temp dir: the
+    digits runs, where this session started them, are over first (their tests, which wait for them,
+    come earlier in the suite's order: then this waits for nothing). Session-scoped, so that it comes
+    before a module's fixtures."""
+    for runs in _started:
+        runs.job.thread.join()
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1 (a local SQLite store and artifact folder), for
     the tests that log runs to it; stopped by its own process group at the end."""
@@ -157,7 +191,8 @@ def pytest_collection_modifyitems(session, config, items):
     with the first test that asks for it and then idles beside every later test (its raylets,
     GCS, dashboard, agents and kept workers: ~25% of a core on this 2-core machine), so the tests
     that never use it (models, transforms, FSDP over gloo, configs, the job tests' own head) go
-    before it starts. A module's tests keep their order, so its fixtures are set up once."""
+    before it starts (unless the digits runs start it with the session: they keep it busy). A
+    module's tests keep their order, so its fixtures are set up once."""
     def module(it):
         return it.nodeid.split("::")[0]
     uses: dict[str, list[bool]] = {}

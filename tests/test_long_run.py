@@ -20,7 +20,8 @@ from jobs.core.optim import lr_at
 from pipeline.sources import read_manifest
 from pipeline.storage import read_bytes, write_bytes
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+# asserts on the cluster's actors or the nodes' temp dirs: alone on the cluster (tests/conftest.py)
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow, pytest.mark.usefixtures("cluster_to_itself")]
 
 RAY_OWN = ("checkpoint_manager_snapshot.json", ".validate_storage_marker")  # Ray Train's files, not ours
 

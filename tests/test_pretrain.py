@@ -21,7 +21,8 @@ from jobs.core.launch import fit, run_dir_of
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.storage import Store, exists, fsspec_fs, list_files, read_bytes
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+# asserts on the cluster's actors or the nodes' temp dirs: alone on the cluster (tests/conftest.py)
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow, pytest.mark.usefixtures("cluster_to_itself")]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import time
 import pytest
 from support import tiny_config, tiny_overrides
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+# asserts on the cluster's actors or the nodes' temp dirs: alone on the cluster (tests/conftest.py)
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow, pytest.mark.usefixtures("cluster_to_itself")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, WORKERS = 16, 8, 2
