@@ -437,6 +437,23 @@ def test_the_papers_linear_probe_on_the_runs_checkpoint(tiny, labeled_dir):
                      linear_warmup_epochs=1, linear_batch=16, write=True,
                      shared_fs=True)  # the simulated nodes share one disk
     assert paper["linear_protocol"] == "mae" and "linear_top1/cls" not in paper
+    # Every run's actor this driver started went with its run: the probe's validation set has one of
+    # its own (pipeline.runactor), which outlived every fine-tuning and probe run (a process and ~1%
+    # of a core each, on a cluster that runs many)
+    import ray
+    from ray.util.state import list_actors
+
+    from pipeline.runactor import RUN_ACTOR
+    job = ray.get_runtime_context().get_job_id()
+
+    def alive_run_actors():
+        return [a.name for a in list_actors(filters=[("job_id", "=", job), ("state", "=", "ALIVE")], limit=10000)
+                if (a.name or "").startswith(RUN_ACTOR)]
+    for _ in range(40):  # ray.kill is asynchronous
+        if not alive_run_actors():
+            break
+        time.sleep(0.25)
+    assert not alive_run_actors()
     assert paper["random_init"] is False and paper["classes"] == 4
     assert 0.0 <= paper["linear_mae_top1/cls"] <= paper["linear_mae_best_top1/cls"] <= 1.0
     assert 0.0 <= paper["knn_top1/cls"] <= 1.0

@@ -251,9 +251,10 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
         announce(cfg, plan, run, latest, start)
     try:
         return fit_keeping_sigint(build_trainer(cfg, plan, datasets, callbacks)), plan
-    finally:
-        release_stats_actor(str(run))
-        release_position_actor(str(run))
+    finally:  # the run's actor, and its validation set's (fine-tuning), go with the run
+        for run_id in (str(run), val_run_id(run)):
+            release_stats_actor(run_id)
+            release_position_actor(run_id)
 
 
 def prepare_run(cfg: PretrainConfig, t_launch: float, check_cpus: bool):
@@ -315,12 +316,18 @@ def announce(cfg: PretrainConfig, plan: RunPlan, run: Store, latest: dict | None
               "data.decode=cpu; meant for tests)", flush=True)
 
 
+def val_run_id(run: Store) -> str:
+    """The run id of a fine-tuning run's validation set: its own actor (counters, position), apart
+    from the training stream's."""
+    return f"{run}#val"
+
+
 def build_val(cfg, info: SourceInfo, run: Store):
     """The validation set, center crops (resize to img_size/0.875, crop), read anew at every
     evaluation; split between the workers unevenly (every image scored once, see ValSplit)."""
     from dataclasses import replace
     vcfg = replace(cfg.data, source=info.uri, augment=False, auto_augment="", shuffle=False)
-    ds, _, _ = build_dataset(vcfg, epochs=1, run_id=f"{run}#val", source=info)
+    ds, _, _ = build_dataset(vcfg, epochs=1, run_id=val_run_id(run), source=info)
     return ds
 
 
