@@ -53,11 +53,13 @@ class DigitsRuns:
     run's URI (the fine-tunings' as ``{"run", "log"}``); a failed command raises with its log's tail."""
 
     def __init__(self, gcs_address: str, bucket: str, workdir: str):
+        import threading
         self.env = {**os.environ, "RAY_ADDRESS": gcs_address}
         self.env.pop("MAE_TEST_FAULTS", None)
         self.bucket, self.workdir = bucket, workdir
         self.shards = f"s3://{bucket}/eval-digits-shards"
         self.procs: list[subprocess.Popen] = []
+        self.lock, self.stopping = threading.Lock(), threading.Event()
         self.job = Background(self._chain)
 
     def start(self) -> None:
@@ -67,23 +69,33 @@ class DigitsRuns:
         return self.job.result()
 
     def stop(self) -> None:
-        """Kill whatever command is still running (a session cut short), by its process group."""
-        for p in self.procs:
+        """Kill whatever command is still running (a session cut short), and start no other."""
+        self.stopping.set()
+        self._kill_all()
+        if self.job.thread.ident is not None:
+            self.job.thread.join(timeout=60)
+
+    def _kill_all(self) -> None:
+        """SIGKILL every command still running, by its process group, and reap it."""
+        with self.lock:
+            procs = list(self.procs)
+        for p in procs:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 p.wait()
-        if self.job.thread.ident is not None:
-            self.job.thread.join(timeout=60)
 
     def _start(self, name: str, args: list[str], **env) -> tuple[subprocess.Popen, str]:
         log = os.path.join(self.workdir, f"{name}.log")
-        with open(log, "wb") as out:  # the child holds its own descriptor
-            p = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env={**self.env, **env}, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(p)
+        with self.lock:
+            if self.stopping.is_set():
+                raise RuntimeError(f"{name} not started: the session is ending")
+            with open(log, "wb") as out:  # the child holds its own descriptor
+                p = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env={**self.env, **env}, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs.append(p)
         return p, log
 
     @staticmethod
@@ -96,6 +108,13 @@ class DigitsRuns:
         return log
 
     def _chain(self) -> dict:
+        try:
+            return self._commands()
+        except BaseException:
+            self._kill_all()  # no command outlives the chain's failure: the tests after it have the cluster
+            raise
+
+    def _commands(self) -> dict:
         from pipeline.synthetic import write_digits_folder
         src = os.path.join(self.workdir, "digits")
         write_digits_folder(src)

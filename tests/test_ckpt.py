@@ -234,14 +234,17 @@ def test_init_from_every_source_gives_the_trained_weights(run, tmp_path):
         init_state_dict(local, mae_vit_micro_patch4(embed_dim=32, num_heads=2), verbose=False)
 
 
-def test_prune_keeps_last_and_best_writes_the_note_before_deleting(s3, bucket, tmp_path):
+def test_prune_keeps_last_and_best_writes_the_note_before_deleting(s3, tmp_path):
     """The finalizer's pruning, on the S3 server behind the counting layer: the best and the last
     checkpoint stay; a pruned one loses its marker first, gets its PRUNED note, and only then its
-    files; finding the latest costs the same two requests however many checkpoints were written."""
+    files; finding the latest costs the same two requests however many checkpoints were written.
+    In a bucket of its own: the requests counted are this test's alone, whatever else runs (the
+    digits runs of tests/digits_runs.py write beside the first tests, bulk deletes included)."""
     from pipeline.storage import StorageError, Store
     torch.manual_seed(0)
     model = MaskedAutoencoder(mae_vit_micro_patch4())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bucket = s3.create_bucket("mae-prune-test")
     run_uri = f"s3://{bucket}/ckpt-tests/prune"
     for step, loss in ((1, 0.3), (2, 0.9), (3, 0.8)):  # step 1 is the best
         write_checkpoint(model, opt, run_uri, step, loss, tmp_path)
@@ -249,7 +252,7 @@ def test_prune_keeps_last_and_best_writes_the_note_before_deleting(s3, bucket, t
     fin = ckpt.Finalizer(run, keep_last=1, best_metric="loss")
     mark = s3.proxy.mark()
     assert fin.prune() == ["checkpoint_00000002"]
-    reqs = [(r.method, r.path.rsplit("/", 1)[-1], r.query[:6]) for r in s3.proxy.since(mark)]
+    reqs = [(r.method, r.path.rsplit("/", 1)[-1], r.query[:6]) for r in s3.proxy.since(mark, f"/{bucket}")]
     i_marker = reqs.index(("POST", bucket, "delete")) if ("POST", bucket, "delete") in reqs else None
     i_note = reqs.index(("PUT", ckpt.PRUNED, ""))
     deletes = [i for i, r in enumerate(reqs) if r[0] in ("POST", "DELETE")]
@@ -260,7 +263,7 @@ def test_prune_keeps_last_and_best_writes_the_note_before_deleting(s3, bucket, t
     assert [e["step"] for e in json.loads(run.read(ckpt.INDEX))] == [1, 3]
     mark = s3.proxy.mark()
     assert ckpt.latest_complete(run)["step"] == 3
-    touched = {r.path.split("/prune/", 1)[-1] for r in s3.proxy.since(mark)}
+    touched = {r.path.split("/prune/", 1)[-1] for r in s3.proxy.since(mark, f"/{bucket}")}
     assert touched == {ckpt.INDEX, f"checkpoint_00000003/{ckpt.MARKER}"}  # no listing, nothing older
     # a damaged index is an error, never "no checkpoints" (which would prune the kept ones)
     run.write(ckpt.INDEX, b"{not json")
