@@ -427,6 +427,25 @@ def test_on_a_node_with_its_own_disk_local_paths_are_refused_and_s3_runs(tiny, s
         node.stop()
 
 
+def alive_run_actors() -> list[str]:
+    """The names of this driver's run actors (pipeline.runactor) still alive, once those just
+    released have gone (ray.kill is asynchronous)."""
+    import ray
+    from ray.util.state import list_actors
+
+    from pipeline.runactor import RUN_ACTOR
+    job = ray.get_runtime_context().get_job_id()
+
+    def alive():
+        return [a.name for a in list_actors(filters=[("job_id", "=", job), ("state", "=", "ALIVE")], limit=10000)
+                if (a.name or "").startswith(RUN_ACTOR)]
+    for _ in range(40):
+        if not alive():
+            break
+        time.sleep(0.25)
+    return alive()
+
+
 def test_the_papers_linear_probe_on_the_runs_checkpoint(tiny, labeled_dir):
     """`mae evaluate --linear-protocol mae` on the 2-worker run's checkpoint: the paper's probe as a
     Ray Train job on 2 workers (`mae finetune --linprobe`: frozen encoder, BatchNorm + Linear head,
@@ -440,19 +459,6 @@ def test_the_papers_linear_probe_on_the_runs_checkpoint(tiny, labeled_dir):
     # Every run's actor this driver started went with its run: the probe's validation set has one of
     # its own (pipeline.runactor), which outlived every fine-tuning and probe run (a process and ~1%
     # of a core each, on a cluster that runs many)
-    import ray
-    from ray.util.state import list_actors
-
-    from pipeline.runactor import RUN_ACTOR
-    job = ray.get_runtime_context().get_job_id()
-
-    def alive_run_actors():
-        return [a.name for a in list_actors(filters=[("job_id", "=", job), ("state", "=", "ALIVE")], limit=10000)
-                if (a.name or "").startswith(RUN_ACTOR)]
-    for _ in range(40):  # ray.kill is asynchronous
-        if not alive_run_actors():
-            break
-        time.sleep(0.25)
     assert not alive_run_actors()
     assert paper["random_init"] is False and paper["classes"] == 4
     assert 0.0 <= paper["linear_mae_top1/cls"] <= paper["linear_mae_best_top1/cls"] <= 1.0

@@ -242,16 +242,16 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
     if plan.finished:  # started again (a resubmitted job, a relaunched Tune trial): nothing to train
         return finished_result(run, latest, resumed, plan, verbose), plan
     start = resumed.get("images_seen", resumed["step"] * plan.global_batch) if resumed else 0
-    datasets, plan = build_stream(cfg, plan, info, run, start)
-    if getattr(cfg, "finetune", None) is not None:
-        datasets["val"] = build_val(cfg, val_source(cfg, info), run)
-    # Save the resolved config with the run (credentials never appear in it: they are not config).
-    run.write("config.yaml", cfg.to_yaml().encode())
-    if verbose:
-        announce(cfg, plan, run, latest, start)
     try:
+        datasets, plan = build_stream(cfg, plan, info, run, start)
+        if getattr(cfg, "finetune", None) is not None:
+            datasets["val"] = build_val(cfg, val_source(cfg, info), run)
+        # Save the resolved config with the run (credentials never appear in it: they are not config).
+        run.write("config.yaml", cfg.to_yaml().encode())
+        if verbose:
+            announce(cfg, plan, run, latest, start)
         return fit_keeping_sigint(build_trainer(cfg, plan, datasets, callbacks)), plan
-    finally:  # the run's actor, and its validation set's (fine-tuning), go with the run
+    finally:  # the run's actor, and its validation set's (fine-tuning), go with the run, however it ends
         for run_id in (str(run), val_run_id(run)):
             release_stats_actor(run_id)
             release_position_actor(run_id)
