@@ -103,7 +103,7 @@ def cluster_to_itself():
     come earlier in the suite's order: then this waits for nothing). Session-scoped, so that it comes
     before a module's fixtures."""
     for runs in _started:
-        runs.job.thread.join()
+        runs.wait()
 
 
 @pytest.fixture(scope="session")

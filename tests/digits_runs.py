@@ -68,6 +68,11 @@ class DigitsRuns:
     def result(self) -> dict:
         return self.job.result()
 
+    def wait(self) -> None:
+        """Until the chain has ended, however (its tests report a failure)."""
+        if self.job.thread.ident is not None:
+            self.job.thread.join()
+
     def stop(self) -> None:
         """Kill whatever command is still running (a session cut short), and start no other."""
         self.stopping.set()

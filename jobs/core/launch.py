@@ -234,8 +234,7 @@ def val_source(cfg, train: SourceInfo) -> SourceInfo:
 def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True, callbacks=None,
         check_cpus: bool = True):
     """Prepare the run, announce it, build the Ray Train run and fit it. -> (ray.train.Result, RunPlan)."""
-    from pipeline.stats import release_stats_actor
-    from pipeline.stream import release_position_actor
+    from pipeline.runactor import release_run_actor, run_actor_name
 
     t_launch = t_launch or time.time()
     run, latest, resumed, plan, info = prepare_run(cfg, t_launch, check_cpus)
@@ -253,8 +252,7 @@ def fit(cfg: PretrainConfig, t_launch: float | None = None, verbose: bool = True
         return fit_keeping_sigint(build_trainer(cfg, plan, datasets, callbacks)), plan
     finally:  # the run's actor, and its validation set's (fine-tuning), go with the run, however it ends
         for run_id in (str(run), val_run_id(run)):
-            release_stats_actor(run_id)
-            release_position_actor(run_id)
+            release_run_actor(run_actor_name(run_id))  # the one actor of its counters and position
 
 
 def prepare_run(cfg: PretrainConfig, t_launch: float, check_cpus: bool):
