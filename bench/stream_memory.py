@@ -98,8 +98,7 @@ def main() -> None:
         from jobs.core.common import init_ray
         from pipeline.config import DataConfig
         from pipeline.prepare import PrepareConfig, prepare
-        from pipeline.stats import release_stats_actor
-        from pipeline.stream import release_position_actor
+        from pipeline.runactor import release_run_actor, run_actor_name
         from pipeline.synthetic import write_labeled_folder
         init_ray(num_cpus=4)  # with its dashboard: the State API finds the actors
         write_labeled_folder(os.path.join(work, "raw"), n_per_class=80, size=16, seed=0)
@@ -115,8 +114,7 @@ def main() -> None:
             try:
                 out[mode] = stream(mode, cfg, run_id, a.blocks, a.every, k)
             finally:
-                release_position_actor(run_id)
-                release_stats_actor(run_id)
+                release_run_actor(run_actor_name(run_id))  # the run's one actor: position and counters
         print(f"\n{a.blocks} blocks through the project's stream (1 image per block), RSS in MiB, "
               f"segments of {a.segment_epochs} epochs x 320 rows:")
         print("| blocks | executor's process, one execution | executor's process, segments | stats actor, one | "

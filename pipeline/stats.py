@@ -8,7 +8,7 @@ them back.
 
 from __future__ import annotations
 
-from .runactor import release_run_actor, run_actor, run_actor_name
+from .runactor import run_actor, run_actor_name
 
 STATS_ACTOR = "mae_pipeline_stats"
 
@@ -21,14 +21,9 @@ def _actor_name(run_id: str) -> str:
 
 def stats_actor(create: bool = True, run_id: str = ""):
     """The counters of run ``run_id``: its one actor (concurrent Tune trials each own one;
-    :func:`release_stats_actor` ends it with its run, and none outlives the process that started
-    it). Created on first use."""
+    ``pipeline.runactor.release_run_actor`` ends it with its run, and none outlives the process that
+    started it). Created on first use."""
     return run_actor(_actor_name(run_id), create)
-
-
-def release_stats_actor(run_id: str = "") -> None:
-    """End the run's actor once its run is over."""
-    release_run_actor(_actor_name(run_id))
 
 
 def pipeline_stats(run_id: str = "") -> dict:

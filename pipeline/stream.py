@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .runactor import release_run_actor, run_actor, run_actor_name
+from .runactor import run_actor, run_actor_name
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,11 @@ def _position_name(run_id: str) -> str:
 
 
 def position_actor(run_id: str, create: bool = True):
-    """The actor holding run ``run_id``'s resume position (the run's one actor,
-    :mod:`pipeline.runactor`, which also keeps its image counters; :func:`release_position_actor`
-    ends it with its run, and none outlives the process that started it). Created on first use;
+    """The actor holding run ``run_id``'s resume position (the run's one actor, :mod:`pipeline.runactor`,
+    which also keeps its image counters; its ``release_run_actor`` ends it with its run, and none
+    outlives the process that started it). Created on first use;
     ``create=False``: the live one, or None."""
     return run_actor(_position_name(run_id), create)
-
-
-def release_position_actor(run_id: str) -> None:
-    """End the run's actor once its run is over."""
-    release_run_actor(_position_name(run_id))
 
 
 def resume_at(position, start: tuple[int, int]) -> tuple[int, int]:

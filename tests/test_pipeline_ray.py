@@ -123,8 +123,8 @@ def test_a_position_set_on_the_runs_position_actor_moves_the_start(prepared):
     position actor after the driver built the dataset, before iterating; the stream then starts
     there (the units before it are never read), not at the driver's start."""
     import ray
-    from pipeline.stats import release_stats_actor
-    from pipeline.stream import position_actor, release_position_actor
+    from pipeline.runactor import release_run_actor, run_actor_name
+    from pipeline.stream import position_actor
     dst, m, _ = prepared
     run_id = "test-position-run"
     cfg = DataConfig(source=dst, split="train", img_size=32, patch_size=4, augment=False,
@@ -138,8 +138,7 @@ def test_a_position_set_on_the_runs_position_actor_moves_the_start(prepared):
         rows = sum(len(b["patches"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
         assert rows == stream.rows_per_epoch - consumed
     finally:
-        release_position_actor(run_id)
-        release_stats_actor(run_id)
+        release_run_actor(run_actor_name(run_id))  # the run's one actor: its position and counters
 
 
 def test_image_folder_source_skips_and_counts_bad_files(src_dir, bucket, ray_cluster):
@@ -354,8 +353,8 @@ def test_a_segment_seam_neither_repeats_nor_skips_an_image(prepared):
 
     from pipeline.dataset import build_segments
     from pipeline.segments import Segments, segment_batches
-    from pipeline.stats import release_stats_actor
-    from pipeline.stream import position_actor, release_position_actor
+    from pipeline.runactor import release_run_actor, run_actor_name
+    from pipeline.stream import position_actor
     dst, _, _ = prepared
     cfg = DataConfig(source=dst, split="train", img_size=32, patch_size=4, augment=True, decode_batch_size=4,
                      rows_per_unit=6, deterministic=True, prefetch_batches=1)
@@ -383,5 +382,4 @@ def test_a_segment_seam_neither_repeats_nor_skips_an_image(prepared):
         it.close()  # waits for segment 3, opened in the background, before the actors go
     finally:
         for r in runs:
-            release_position_actor(r)
-            release_stats_actor(r)
+            release_run_actor(run_actor_name(r))
