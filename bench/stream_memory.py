@@ -130,10 +130,12 @@ def main() -> None:
               f"{g1:+.0f} MiB ({g1 * 2**20 / max(1, span):.0f} B/block), segments {g2:+.0f} MiB "
               f"({g2 * 2**20 / max(1, span):.0f} B/block)")
     finally:
-        import ray
-        ray.shutdown()
+        # the server and the work dir first: a Ray worker touched after ray.shutdown() exits the
+        # process on the spot (seen at the end of this bench), which left both behind
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+        import ray
+        ray.shutdown()
 
 
 if __name__ == "__main__":
