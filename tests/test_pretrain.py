@@ -67,6 +67,17 @@ def actors(cls: str, *filters) -> dict[str, str]:
             for a in list_actors(filters=[("class_name", "=", cls), *filters], limit=10000)}
 
 
+def settled(left):
+    """``left()``, what should be gone (actors just ended: Ray ends them asynchronously), asked
+    every 0.25 s for up to 10 s until it is empty. -> its last answer."""
+    for _ in range(40):
+        now = left()
+        if not now:
+            return now
+        time.sleep(0.25)
+    return left()
+
+
 def reports_in(path):
     with open(path) as f:
         return [json.loads(x) for x in f]
@@ -172,13 +183,7 @@ def test_two_workers_on_two_nodes_loss_falls_checkpoints_on_s3(tiny, tmp_path):
     assert tiny["sigint"][1] is tiny["sigint"][0]
     # ... so the run's controller goes with the run
     assert len(tiny["controllers"]) == 1
-    def alive_controllers():
-        return set(actors("TrainController", ("state", "=", "ALIVE"))) & tiny["controllers"]
-    for _ in range(40):
-        if not alive_controllers():
-            break
-        time.sleep(0.25)
-    assert not alive_controllers()
+    assert not settled(lambda: set(actors("TrainController", ("state", "=", "ALIVE"))) & tiny["controllers"])
 
 
 def test_resume_and_worker_restart_continue_the_data_stream_exactly(shards, bucket, ray_cluster, monkeypatch):
@@ -436,14 +441,8 @@ def alive_run_actors() -> list[str]:
     from pipeline.runactor import RUN_ACTOR
     job = ray.get_runtime_context().get_job_id()
 
-    def alive():
-        return [a.name for a in list_actors(filters=[("job_id", "=", job), ("state", "=", "ALIVE")], limit=10000)
-                if (a.name or "").startswith(RUN_ACTOR)]
-    for _ in range(40):
-        if not alive():
-            break
-        time.sleep(0.25)
-    return alive()
+    return settled(lambda: [a.name for a in list_actors(filters=[("job_id", "=", job), ("state", "=", "ALIVE")],
+                                                           limit=10000) if (a.name or "").startswith(RUN_ACTOR)])
 
 
 def test_the_papers_linear_probe_on_the_runs_checkpoint(tiny, labeled_dir):
