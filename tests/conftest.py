@@ -109,7 +109,11 @@ def cluster_to_itself():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1 (a local SQLite store and artifact folder), for
-    the tests that log runs to it; stopped by its own process group at the end."""
+    the tests that log runs to it; stopped by its own process group at the end.
+
+    Tracking only: without ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` the server also starts its
+    job runner, one Huey consumer process per kind of server-side job and one for periodic tasks
+    (8 processes polling their queues: ~40 CPU-s over the suite), none of which the runs use."""
     import signal
     import subprocess
     import time
@@ -122,7 +126,8 @@ def mlflow_server(tmp_path_factory):
     p = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
                           "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                           "--artifacts-destination", str(root / "artifacts")],
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+                         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
